@@ -1,0 +1,250 @@
+"""Float rewrites: fold BatchNormalization into the Conv / ConvTranspose / Gemm before it, and fuse
+a BatchNormalization that cannot be folded with the Relu after it into one `bnq.BatchNormRelu`.
+
+BatchNormalization in inference mode is, per channel c,
+
+    y = (x - mean[c]) / sqrt(var[c] + eps) * gamma[c] + beta[c] = x * s[c] + (beta[c] - mean[c] * s[c])
+
+with s = gamma / sqrt(var + eps). When x is the output of a Conv with weight W and bias b (zero when
+absent), y is the output of a Conv with
+
+    W_fused[c, ...] = W[c, ...] * s[c]          b_fused[c] = (b[c] - mean[c]) * s[c] + beta[c]
+
+(ConvTranspose holds output channels on its weight's axis 1, per group; Gemm on the columns of its
+output). The folded parameters are computed in float64 and stored in the weight's dtype.
+
+Each rewrite is match -> check -> rewrite: `check` returns the reason a match cannot be rewritten
+exactly (parameters computed at run time, training mode, an intermediate tensor someone else reads,
+...) and that reason lands in the report, so every BatchNormalization is accounted for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnq import ops
+from bnq.errors import ModelError
+from bnq.graph import NameScope, check, constant_values, consumers, node_label, op_counts, output_names
+
+FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
+BN_PARAMS = ("scale", "B", "input_mean", "input_var")
+
+
+@dataclass(frozen=True)
+class Action:
+    """What happened to one BatchNormalization node."""
+
+    node: str
+    outcome: str  # "folded", "fused" or "kept"
+    detail: str
+
+
+@dataclass(frozen=True)
+class FuseReport:
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    actions: tuple[Action, ...]
+
+    def count(self, outcome: str) -> int:
+        return sum(action.outcome == outcome for action in self.actions)
+
+
+@dataclass(frozen=True)
+class _BatchNorm:
+    node: onnx.NodeProto
+    scale: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    epsilon: float
+
+    def factor(self) -> np.ndarray:
+        """s = gamma / sqrt(var + eps), in float64."""
+        return self.scale.astype(np.float64) / np.sqrt(self.var.astype(np.float64) + self.epsilon)
+
+
+def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
+    """Fold every foldable BatchNormalization, fuse the rest with a following Relu when exact."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    scope = NameScope(graph)
+    constants = constant_values(graph)
+    readers = consumers(graph)
+    producers = {name: node for node in graph.node for name in node.output}
+    outputs = output_names(graph)
+    actions: list[Action] = []
+    removed: set[int] = set()  # ids of nodes that the rewrites replace
+    added: dict[int, onnx.NodeProto] = {}  # id of a node -> the node standing in its place
+
+    for node in list(graph.node):
+        if node.op_type != "BatchNormalization":
+            continue
+        label = node_label(node)
+        batch_norm = _read_batch_norm(node, constants)
+        if isinstance(batch_norm, str):
+            actions.append(Action(label, "kept", batch_norm))
+            continue
+        source = producers.get(node.input[0])
+        reason = _check_fold(source, node, readers, outputs, constants)
+        if reason is None:
+            folded = _fold(source, batch_norm, constants, scope, graph)
+            added[id(source)] = folded
+            removed.add(id(node))
+            actions.append(Action(label, "folded", f"into {source.op_type} {node_label(source)}"))
+            continue
+        relu = _only_reader(node.output[0], readers, outputs)
+        if relu is None or relu.op_type != "Relu":
+            actions.append(Action(label, "kept", f"{reason}; and {_relu_failure(node, readers, outputs)}"))
+            continue
+        fused = helper.make_node("BatchNormRelu", list(node.input[:5]), [relu.output[0]],
+                                 name=scope.fresh(f"{node.name or 'BatchNormalization'}_relu"),
+                                 domain=ops.DOMAIN, epsilon=batch_norm.epsilon)
+        added[id(node)] = fused
+        removed.add(id(relu))
+        actions.append(Action(label, "fused", f"with Relu {node_label(relu)}"))
+
+    replaced = {name for node in graph.node if id(node) in removed or id(node) in added
+                for name in node.input}
+    nodes = [added.get(id(node), node) for node in graph.node if id(node) not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused(graph, replaced)
+    ops.attach_functions(result)
+    check(result, "the fused model")
+    return result, FuseReport(op_counts(model), op_counts(result), tuple(actions))
+
+
+def _read_batch_norm(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> _BatchNorm | str:
+    """The node's parameters, or the reason it is not an exact inference-mode BatchNormalization."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("training_mode", 0):
+        return "training_mode=1: export the model in eval mode"
+    if not attributes.get("spatial", 1):
+        return "spatial=0 (statistics per activation) is not supported"
+    if any(name for name in node.output[1:]):
+        return "its running statistics outputs are used (training graph)"
+    values = []
+    for role, name in zip(BN_PARAMS, node.input[1:5]):
+        if name not in constants:
+            return f"its {role} {name!r} is computed at run time, not a constant"
+        values.append(constants[name])
+    scale, bias, mean, var = values
+    epsilon = float(attributes.get("epsilon", 1e-5))
+    channels = {v.size for v in values}
+    if len(channels) != 1 or any(v.ndim != 1 for v in values):
+        raise ModelError(f"BatchNormalization {node_label(node)}: parameters must be 1-D of one "
+                         f"length, got shapes {[list(v.shape) for v in values]}")
+    for role, value in zip(BN_PARAMS, values):
+        if not np.all(np.isfinite(value)):
+            raise ModelError(f"BatchNormalization {node_label(node)}: {role} holds NaN or infinity")
+    if np.any(var < 0):
+        raise ModelError(f"BatchNormalization {node_label(node)}: input_var holds negative values")
+    return _BatchNorm(node, scale, bias, mean, var, epsilon)
+
+
+def _only_reader(name: str, readers: dict[str, list[onnx.NodeProto]],
+                 outputs: set[str]) -> onnx.NodeProto | None:
+    """The single node reading `name`, if nothing else (not even the graph's caller) sees it."""
+    nodes = readers.get(name, [])
+    if len(nodes) != 1 or name in outputs:
+        return None
+    return nodes[0]
+
+
+def _relu_failure(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]],
+                  outputs: set[str]) -> str:
+    name = node.output[0]
+    if name in outputs:
+        return "its output is a graph output"
+    nodes = readers.get(name, [])
+    if len(nodes) != 1:
+        return f"its output has {len(nodes)} readers, not one Relu"
+    return f"it is followed by {nodes[0].op_type}, not Relu"
+
+
+def _check_fold(source: onnx.NodeProto | None, node: onnx.NodeProto,
+                readers: dict[str, list[onnx.NodeProto]], outputs: set[str],
+                constants: dict[str, np.ndarray]) -> str | None:
+    """None when BatchNormalization `node` folds into `source`, else the reason it does not."""
+    if source is None:
+        return "its input is a graph input"
+    if source.op_type not in FOLDABLE:
+        return f"its input comes from {source.op_type}, not {'/'.join(FOLDABLE)}"
+    if _only_reader(source.output[0], readers, outputs) is not node:
+        return f"the {source.op_type} output is also read elsewhere"
+    for name in source.input[1:]:
+        if name and name not in constants:
+            return f"the {source.op_type} parameter {name!r} is not a constant"
+    if source.op_type == "Gemm":
+        return _check_gemm(source, constants)
+    return None
+
+
+def _check_gemm(gemm: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str | None:
+    if len(gemm.input) > 2 and gemm.input[2]:
+        bias = constants[gemm.input[2]]
+        if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+            return f"the Gemm bias has shape {list(bias.shape)}, which varies along the batch"
+    return None
+
+
+def _fold(source: onnx.NodeProto, batch_norm: _BatchNorm, constants: dict[str, np.ndarray],
+          scope: NameScope, graph: onnx.GraphProto) -> onnx.NodeProto:
+    """A copy of `source` with `batch_norm` folded into fresh weight and bias tensors."""
+    weight = constants[source.input[1]]
+    has_bias = len(source.input) > 2 and bool(source.input[2])
+    bias = constants[source.input[2]].astype(np.float64) if has_bias else np.zeros(1)
+    factor = batch_norm.factor()
+    attributes = {a.name: helper.get_attribute_value(a) for a in source.attribute}
+    if source.op_type == "Conv":
+        shape = (-1,) + (1,) * (weight.ndim - 1)
+        new_weight = weight * factor.reshape(shape)
+    elif source.op_type == "ConvTranspose":
+        group = attributes.get("group", 1)
+        grouped = weight.reshape(group, weight.shape[0] // group, weight.shape[1], -1)
+        new_weight = (grouped * factor.reshape(group, 1, -1, 1)).reshape(weight.shape)
+    else:  # Gemm: output column j = alpha * A @ B[:, j] + beta * C[j]
+        new_weight = weight * (factor[:, None] if attributes.get("transB", 0) else factor[None, :])
+        bias = attributes.get("beta", 1.0) * bias.reshape(-1)
+    new_bias = (bias - batch_norm.mean) * factor + batch_norm.bias
+    base = source.name or source.op_type
+    weight_name = scope.fresh(f"{base}_folded_weight")
+    bias_name = scope.fresh(f"{base}_folded_bias")
+    graph.initializer.extend([
+        numpy_helper.from_array(new_weight.astype(weight.dtype), weight_name),
+        numpy_helper.from_array(np.broadcast_to(new_bias, factor.shape).astype(weight.dtype),
+                                bias_name),
+    ])
+    folded = onnx.NodeProto()
+    folded.CopyFrom(source)
+    del folded.input[:], folded.output[:]
+    folded.input.extend([source.input[0], weight_name, bias_name])
+    folded.output.append(batch_norm.node.output[0])
+    if source.op_type == "Gemm":
+        for attribute in folded.attribute:
+            if attribute.name == "beta":
+                attribute.f = 1.0
+    return folded
+
+
+def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Remove the `candidates` (initializers and Constant nodes) that no node reads any more, and
+    the value_info of tensors that no node writes any more."""
+    read = {name for node in graph.node for name in node.input} | output_names(graph)
+    dead = candidates - read - {value.name for value in graph.input}
+    nodes = [node for node in graph.node
+             if not (node.op_type == "Constant" and node.output[0] in dead)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [tensor for tensor in graph.initializer if tensor.name not in dead]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    produced = {name for node in graph.node for name in node.output}
+    infos = [info for info in graph.value_info if info.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)

@@ -1,0 +1,114 @@
+"""Thin helpers over `onnx.ModelProto`: constants, producers and consumers, fresh names, checks.
+
+A graph "constant" is an initializer that is not also a graph input, or the output of a `Constant`
+node: other converters (Paddle, TensorFlow) keep BatchNormalization parameters in `Constant` nodes,
+so everything that reads parameters goes through `constant_values`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnq.errors import ModelError
+
+MIN_OPSET = 7
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every value of `graph` that is known without running it, by tensor name: initializers,
+    Constant node outputs, and Identity copies of those (torch.onnx.export writes one for a
+    parameter that two modules share)."""
+    graph_inputs = {value.name for value in graph.input}
+    values = {
+        tensor.name: numpy_helper.to_array(tensor)
+        for tensor in graph.initializer
+        if tensor.name not in graph_inputs  # an overridable default is not a constant
+    }
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            values[node.output[0]] = _constant_node_value(node)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    attribute = node.attribute[0]
+    if attribute.name == "value":
+        return numpy_helper.to_array(attribute.t)
+    if attribute.name == "sparse_value":
+        raise ModelError(f"Constant node {node_label(node)} holds a sparse tensor, which bnq does not read")
+    plain = onnx.helper.get_attribute_value(attribute)
+    dtype = {"value_float": np.float32, "value_floats": np.float32,
+             "value_int": np.int64, "value_ints": np.int64}.get(attribute.name)
+    return np.array(plain, dtype=dtype)
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers[name].append(node)
+    return readers
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {name: node for node in graph.node for name in node.output if name}
+
+
+def output_names(graph: onnx.GraphProto) -> set[str]:
+    return {value.name for value in graph.output}
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain the model imports."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    raise ModelError("the model imports no version of the default ONNX domain")
+
+
+class NameScope:
+    """Hands out tensor and node names that the model does not use yet."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self._taken = {value.name for value in graph.input}
+        self._taken |= {value.name for value in graph.output}
+        self._taken |= {tensor.name for tensor in graph.initializer}
+        for node in graph.node:
+            self._taken |= set(node.input) | set(node.output) | {node.name}
+
+    def fresh(self, base: str) -> str:
+        name, index = base, 1
+        while name in self._taken:
+            name, index = f"{base}_{index}", index + 1
+        self._taken.add(name)
+        return name
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> number of nodes in the main graph, sorted by name."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        counts[node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How messages and reports name a node: its name, or its type and first output."""
+    return node.name or f"{node.op_type}({node.output[0]})"
+
+
+def check(model: onnx.ModelProto, what: str) -> None:
+    """Run the full ONNX checker (with shape inference) and turn a failure into a ModelError."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"{what} fails the ONNX checker: {first_line}") from error
