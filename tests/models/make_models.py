@@ -10,18 +10,19 @@ All models take ``input`` with a dynamic batch axis and return ``output``; they 
 the legacy exporter at opset 17 with ``do_constant_folding=False`` and ``training=EVAL``, which
 keeps every BatchNormalization node (the default settings fold Conv -> BN away). The files:
 
-- ``densenet_block.onnx``: Conv-BN-Relu stem, then BN-Relu after Relu and after Concat.
+- ``densenet_block.onnx``: Conv(no bias)-BN-Relu stem, then BN-Relu after Relu and after Concat.
 - ``preact_residual.onnx``: BN-Relu on the graph input and after Add; Conv-BN-Relu inside blocks.
 - ``conv_bn_relu_stem.onnx``: Conv(bias)-BN-Relu, Conv(no bias)-BN-Relu, Conv-BN without Relu,
   grouped and depthwise Conv-BN-Relu, ConvTranspose-BN-Relu, and a Conv-BN-Relu whose
   running_var equals its weight, which the exporter deduplicates into an Identity node.
 - ``bn1d.onnx``: Gemm-BN-Relu (rank 2), Conv1d-BN-Relu and MaxPool-BN-Relu (rank 3).
 - ``bn3d.onnx``: Conv3d-BN-Relu and MaxPool3d-BN-Relu (rank 5).
-- ``bn_shared.onnx``: negative cases for fusion: a BN read by a Relu and an Add, and a BN that is
-  also the second graph output ``bn_output``.
+- ``bn_shared.onnx``: negative cases for BN+Relu fusion: BNs read by a Relu and an Add, and BNs
+  that are also graph outputs (``conv_bn_output``, ``bn_output``); one of each follows a Conv
+  (folding it stays valid), the other is standalone (after Add, after MaxPool).
 - ``dynamo_densenet.onnx``: the densenet_block model through ``dynamo=True, optimize=False`` at
   opset 18 (its lowest native one). Unlike the legacy export, a Conv without bias gets a computed
-  zero bias (Shape -> Expand of a CastLike'd Constant), BN has no training_mode attribute, nodes
+  zero bias (Shape -> Expand of a CastLike'd Constant), also the stem Conv that BN follows, BN has no training_mode attribute, nodes
   carry metadata_props, and the graph has value_info for every intermediate tensor.
 """
 
@@ -57,7 +58,9 @@ def randomize_batch_norms(model, rng):
 class DenseNetBlock(nn.Module):
     def __init__(self, stem=8, growth=4):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1), nn.BatchNorm2d(stem), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU()
+        )
         self.bn0 = nn.BatchNorm2d(stem)  # after the stem's Relu
         self.conv0 = nn.Conv2d(stem, growth, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem + growth)  # after Concat
@@ -162,18 +165,26 @@ class BatchNorm3dModel(nn.Module):
 
 
 class SharedBatchNorm(nn.Module):
+    """BNs whose output is read by more than the Relu: none may be fused with it.
+
+    The two after a Conv may still be folded into it; the two standalone ones must stay BN.
+    """
+
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(4, 6, 3, padding=1)
-        self.bn_two_consumers = nn.BatchNorm2d(6)  # read by Relu and by Add
+        self.bn_fold_two_readers = nn.BatchNorm2d(6)  # Conv -> BN -> Relu and Add
+        self.bn_two_readers = nn.BatchNorm2d(6)  # Add -> BN -> Relu and Add
         self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.bn_graph_output = nn.BatchNorm2d(6)  # read by Relu, and a graph output
+        self.bn_fold_graph_output = nn.BatchNorm2d(6)  # Conv -> BN -> Relu and graph output
+        self.bn_graph_output = nn.BatchNorm2d(6)  # MaxPool -> BN -> Relu and graph output
 
     def forward(self, x):
-        y = self.bn_two_consumers(self.conv1(x))
-        z = self.conv2(torch.relu(y) + y)
-        w = self.bn_graph_output(z)
-        return torch.relu(w), w
+        y = self.bn_fold_two_readers(self.conv1(x))
+        u = self.bn_two_readers(torch.relu(y) + y)
+        w = self.bn_fold_graph_output(self.conv2(torch.relu(u) + u))
+        p = self.bn_graph_output(nn.functional.max_pool2d(torch.relu(w), 2))
+        return torch.relu(p), w, p
 
 
 # name -> (model factory, example input shape, output names)
@@ -183,7 +194,7 @@ FIXTURES = {
     "conv_bn_relu_stem": (ConvBnReluStem, (2, 4, 6, 6), ["output"]),
     "bn1d": (BatchNorm1dModel, (2, 4, 12), ["output"]),
     "bn3d": (BatchNorm3dModel, (2, 2, 4, 6, 6), ["output"]),
-    "bn_shared": (SharedBatchNorm, (2, 4, 6, 6), ["output", "bn_output"]),
+    "bn_shared": (SharedBatchNorm, (2, 4, 6, 6), ["output", "conv_bn_output", "bn_output"]),
 }
 
 
