@@ -21,9 +21,10 @@ keeps every BatchNormalization node (the default settings fold Conv -> BN away).
   that are also graph outputs (``conv_bn_output``, ``bn_output``); one of each follows a Conv
   (folding it stays valid), the other is standalone (after Add, after MaxPool).
 - ``dynamo_densenet.onnx``: the densenet_block model through ``dynamo=True, optimize=False`` at
-  opset 18 (its lowest native one). Unlike the legacy export, a Conv without bias gets a computed
-  zero bias (Shape -> Expand of a CastLike'd Constant), also the stem Conv that BN follows, BN has no training_mode attribute, nodes
-  carry metadata_props, and the graph has value_info for every intermediate tensor.
+  opset 18 (its lowest native one). Unlike the legacy export, a Conv without bias (the stem's,
+  which BN follows, among them) gets a computed zero bias (Shape -> Expand of a CastLike'd
+  Constant), BN has no training_mode attribute, nodes carry metadata_props, and the graph has
+  value_info for every intermediate tensor.
 """
 
 import collections
@@ -128,7 +129,7 @@ class ConvBnReluStem(nn.Module):
         return torch.relu(self.bn_shared_param(self.conv_shared_param(x)))
 
     def share_bn_parameter(self):
-        """Make one BN's running_var equal its weight (both positive) so export deduplicates them."""
+        """Make one BN's running_var equal its (positive) weight: the exporter deduplicates them."""
         bn = self.bn_shared_param
         bn.weight.data.abs_()
         bn.running_var.copy_(bn.weight.data)
@@ -206,7 +207,8 @@ def build(name):
         randomize_batch_norms(model, np.random.default_rng(SEED))
         if isinstance(model, ConvBnReluStem):
             model.share_bn_parameter()
-    return model, torch.from_numpy(np.random.default_rng(SEED + 1).normal(size=shape).astype(np.float32))
+    x = np.random.default_rng(SEED + 1).normal(size=shape).astype(np.float32)
+    return model, torch.from_numpy(x)
 
 
 def export_legacy(model, x, path, output_names):
