@@ -73,7 +73,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
     result.CopyFrom(model)
     graph = result.graph
     scope = NameScope(graph)
-    constants = constant_values(graph)
+    constants = constant_values(result)
     readers = consumers(graph)
     producers = {name: node for node in graph.node for name in node.output}
     outputs = output_names(graph)
@@ -113,7 +113,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
     nodes = [added.get(id(node), node) for node in graph.node if id(node) not in removed]
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused(graph, replaced)
+    _drop_unused(graph, replaced, set(constants))
     ops.attach_functions(result)
     check(result, "the fused model")
     return result, FuseReport(op_counts(model), op_counts(result), tuple(actions))
@@ -232,16 +232,22 @@ def _fold(source: onnx.NodeProto, batch_norm: _BatchNorm, constants: dict[str, n
     return folded
 
 
-def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
-    """Remove the `candidates` (initializers and Constant nodes) that no node reads any more, and
-    the value_info of tensors that no node writes any more."""
-    read = {name for node in graph.node for name in node.input} | output_names(graph)
-    dead = candidates - read - {value.name for value in graph.input}
-    nodes = [node for node in graph.node
-             if not (node.op_type == "Constant" and node.output[0] in dead)]
+def _drop_unused(graph: onnx.GraphProto, candidates: set[str], constants: set[str]) -> None:
+    """Remove what the rewrites left unread: nodes that only computed constants, the `candidates`
+    among initializers, and the value_info of tensors that no node writes any more."""
+    keep = output_names(graph) | {value.name for value in graph.input}
+    nodes = list(graph.node)
+    while True:
+        read = {name for node in nodes for name in node.input} | keep
+        live = [node for node in nodes
+                if any(name in read or name not in constants for name in node.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
     del graph.node[:]
     graph.node.extend(nodes)
-    kept = [tensor for tensor in graph.initializer if tensor.name not in dead]
+    kept = [tensor for tensor in graph.initializer
+            if tensor.name in read or tensor.name not in candidates]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     produced = {name for node in graph.node for name in node.output}

@@ -11,28 +11,61 @@ from collections import defaultdict
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from bnq.errors import ModelError
 
 MIN_OPSET = 7
 
 
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Every value of `graph` that is known without running it, by tensor name: initializers,
-    Constant node outputs, and Identity copies of those (torch.onnx.export writes one for a
-    parameter that two modules share)."""
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every value of the main graph that is known without running it, by tensor name:
+    initializers, Constant node outputs, and the outputs of deterministic standard ops whose inputs
+    are all known (torch.onnx.export writes `Identity(weight)` for a parameter two modules share,
+    and its dynamo exporter a zero Conv bias as `Expand(CastLike(0), Shape(weight)[0:1])`)."""
+    graph = model.graph
     graph_inputs = {value.name for value in graph.input}
+    types = {value.name: onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+             for value in [*graph.input, *graph.value_info]
+             if value.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED}
     values = {
         tensor.name: numpy_helper.to_array(tensor)
         for tensor in graph.initializer
         if tensor.name not in graph_inputs  # an overridable default is not a constant
     }
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Constant":
             values[node.output[0]] = _constant_node_value(node)
         elif node.op_type == "Identity" and node.input[0] in values:
             values[node.output[0]] = values[node.input[0]]
+        elif node.op_type == "CastLike" and node.input[0] in values and node.input[1] in types:
+            values[node.output[0]] = values[node.input[0]].astype(types[node.input[1]])
+        elif (node.op_type in FOLDABLE_OPS and node.input
+              and all(name in values for name in node.input if name)):
+            results = _evaluate(node, values, default_opset(model))
+            values.update(zip(node.output, results))
     return values
+
+
+# Shape arithmetic that exporters emit around parameters; evaluated when all inputs are known.
+FOLDABLE_OPS = {"Shape", "Cast", "CastLike", "Expand", "Slice", "Gather", "Concat", "Reshape",
+                "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div", "Sqrt", "ConstantOfShape"}
+
+
+def _evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    inputs = [name for name in node.input if name]
+    graph = onnx.helper.make_graph(
+        [node], "fold",
+        [onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), values[name].shape)
+         for name in inputs],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
+         for name in node.output])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    evaluator = ReferenceEvaluator(model)
+    return evaluator.run(None, {name: values[name] for name in inputs})
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:

@@ -41,7 +41,7 @@ def make_model(nodes, inputs, outputs, *, opset: int, initializers=(), constants
 
 def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, dynamic: int = 3) -> dict:
     """Standard-normal float32 data for every graph input, dynamic dims set to `dynamic`."""
-    constants = constant_values(model.graph)
+    constants = constant_values(model)
     feeds = {}
     for value in model.graph.input:
         if value.name in constants:
