@@ -1,0 +1,515 @@
+"""Calibration observers: stream activation batches in, get quantization parameters out.
+
+An observer has the two methods of PyTorch's ``torch.ao.quantization`` observers: ``update(x)``
+with one batch and ``qparams(dtype)`` for the scale and zero point, plus ``merge(other)`` so
+calibration can be split across workers. Values are observed as float32, the type
+QuantizeLinear computes in. Per channel means channel axis 1 (tensors of rank >= 2), one row of
+state per channel; per tensor is the same code with a single row.
+
+Quantization parameters (``qparams_from_range``, computed in float32 like PyTorch)::
+
+    rmin  = min(rmin, 0),  rmax = max(rmax, 0)          # zero is always in the range
+    affine:     scale = (rmax - rmin) / (qmax - qmin)
+                zero_point = clip(qmin - rint(rmin / scale), qmin, qmax)
+    symmetric:  qmid = (qmin + qmax + 1) // 2             # 0 for int8, 128 for uint8
+                scale = max(-rmin, rmax) / (qmax - qmid)  # max|x| / 127 for int8
+                zero_point = qmid
+    scale = max(scale, eps),  eps = 2**-23 (float32 machine epsilon, as PyTorch)
+
+so an all-zero range gets scale 2**-23, never 0, NaN or inf, and a non-negative tensor (a ReLU
+output) gets rmin = 0, zero_point = qmin: the full range of codes from zero up. (qmin, qmax) is
+(0, 255) for uint8 and (-128, 127) for int8; ``reduce_range`` halves it to (0, 127) and
+(-64, 63), the 7-bit activations that keep AVX2's u8 x s8 multiply-adds from saturating.
+``quantize`` and ``dequantize`` are ONNX QuantizeLinear / DequantizeLinear in float32::
+
+    q = saturate(rint(x / scale) + zero_point)     # rint: round half to even
+    x = (q - zero_point) * scale
+
+State is bounded: running min/max and, for the histogram methods, one fixed-size histogram
+(``bins`` counts) per row. Bin edges are multiples of a power of two ``w = 2**e`` anchored at 0::
+
+    one-sided  (min >= 0, ReLU outputs):  [0, 2**s)        bins * w      = 2**s
+    two-sided  (min <  0):                [-2**s, 2**s)    bins * w / 2  = 2**s
+
+where ``2**s`` is the smallest power of two above max|x| seen so far. Both the layout and ``s``
+are functions of the running (min, max) only, and only ever grow; growing ``s`` by k sums
+aligned groups of 2**k adjacent bins, and turning one-sided into two-sided sums adjacent pairs
+into the upper half. Each step is exact, and since ``x * 2**-e`` is exact in float32 so is the
+binning: after any stream of batches, in any order or split over merged observers, the histogram
+equals ``np.histogram`` of all values at the final edges.
+
+The histogram methods choose a threshold ``t`` on the magnitude histogram (the two-sided one
+folded around 0, |x| in bins [k w, (k+1) w)), then clip the range to [max(-t, min), min(t, max)]:
+
+* ``percentile`` p: rmax = the p-th percentile, rmin = the (100 - p)-th (0 for a one-sided
+  tensor); ``p = 100`` is exactly min/max. Samples are taken as evenly spread inside their bin,
+  so the result lies within one bin width of ``np.percentile`` where the data is dense.
+* ``entropy``: TensorRT's KL-divergence search (also onnxruntime's ``CalibrationMethod.Entropy``).
+  For each candidate of ``i`` bins: P = hist[:i] with the clipped outliers added to P[i-1];
+  Q = hist[:i] (without outliers) merged into ``L`` levels of ``i // L`` bins (the last level
+  takes the remainder), each level spread evenly over the bins where P is non-zero; minimise
+  KL(P || Q). ``L`` = number of codes (qmax - qmin + 1) for one-sided, half of that per side
+  for two-sided tensors. Unlike TensorRT and onnxruntime it does not add 1e-4 to empty bins: a
+  zero of Q where P has mass (all of the last level's mass clipped away) makes KL infinite.
+  That lets the search run on prefix sums, O(bins) per row, so per-channel is cheap.
+* ``mse``: minimises the expected squared error over candidates ``t = i w``: each value inside
+  the range costs the uniform quantization noise ``step**2 / 12`` with
+  ``step = (rmax(t) - rmin(t)) / (qmax - qmin)``, each clipped value of bin j costs
+  ``(c_j - t)**2 + w**2 / 12`` (c_j the bin's centre, the value uniform in its bin).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnq.errors import ArgumentError, DataError
+
+EPS = np.float32(np.finfo(np.float32).eps)
+DEFAULT_BINS = 2048
+_MAX_BINS = 1 << 16
+# Smallest top exponent s: keeps the bin width 2**e (e >= -126) and its inverse normal float32.
+_E_MIN = -126
+# Elements of the temporary arrays of the entropy search, per chunk of candidates.
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True, eq=False)
+class QuantParams:
+    """Scale and zero point of a tensor, per tensor (0-d arrays) or per channel (shape [C]).
+
+    ``rmin`` / ``rmax`` are the float32 range the parameters were computed from, 0 included.
+    Arrays are read-only. ``eq=False``: compare fields with numpy, not ``==``.
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: np.dtype
+    rmin: np.ndarray
+    rmax: np.ndarray
+
+    def __post_init__(self):
+        for name in ("scale", "zero_point", "rmin", "rmax"):
+            getattr(self, name).setflags(write=False)
+
+
+def quant_range(dtype, reduce_range: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of an 8-bit dtype; ``reduce_range`` drops one bit (7-bit codes)."""
+    dtype = _check_dtype(dtype)
+    info = np.iinfo(dtype)
+    if reduce_range:
+        return info.min // 2, info.max // 2
+    return int(info.min), int(info.max)
+
+
+def qparams_from_range(rmin, rmax, dtype=np.uint8, *, symmetric: bool = False,
+                       reduce_range: bool = False) -> QuantParams:
+    """Quantization parameters for the range [rmin, rmax] (scalars or [C] arrays).
+
+    See the module docstring for the formulas; all arithmetic is float32, as in PyTorch.
+    """
+    dtype = _check_dtype(dtype)
+    qmin, qmax = quant_range(dtype, reduce_range)
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float32), np.float32(0))
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float32), np.float32(0))
+    if rmin.shape != rmax.shape or rmin.ndim > 1:
+        raise ArgumentError(f"rmin and rmax must be scalars or [C] arrays of one shape, "
+                            f"got {rmin.shape} and {rmax.shape}")
+    if not (np.isfinite(rmin).all() and np.isfinite(rmax).all()):
+        raise ArgumentError("rmin and rmax must be finite")
+    if symmetric:
+        qmid = (qmin + qmax + 1) // 2
+        amax = np.maximum(-rmin, rmax)
+        rmin, rmax = -amax, amax
+        scale = np.maximum(amax / np.float32(qmax - qmid), EPS)
+        zero_point = np.full(scale.shape, qmid)
+    else:
+        scale = np.maximum((rmax - rmin) / np.float32(qmax - qmin), EPS)
+        zero_point = np.clip(qmin - np.rint(rmin / scale), qmin, qmax)
+    return QuantParams(scale=scale.astype(np.float32), zero_point=zero_point.astype(dtype),
+                       dtype=dtype, rmin=rmin, rmax=rmax)
+
+
+def weight_qparams(w: np.ndarray, axis: int = 0, dtype=np.int8, *,
+                   reduce_range: bool = False) -> QuantParams:
+    """Symmetric per-output-channel parameters of a weight: scale = max|w[c]| / 127 (int8)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 1 or not -w.ndim <= axis < w.ndim:
+        raise ArgumentError(f"axis {axis} is out of range for a weight of shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise DataError(f"weight of shape {w.shape} has NaN or inf values")
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    if rows.shape[1] == 0:
+        raise ArgumentError(f"weight of shape {w.shape} is empty")
+    return qparams_from_range(rows.min(axis=1), rows.max(axis=1), dtype, symmetric=True,
+                              reduce_range=reduce_range)
+
+
+def quantize(x: np.ndarray, qparams: QuantParams, axis: int = 1) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(rint(x / scale) + zero_point) in float32.
+
+    ``axis`` is the channel axis of per-channel parameters (ignored for per-tensor ones).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale, zero_point = _broadcast(qparams, x.ndim, axis)
+    info = np.iinfo(qparams.dtype)
+    q = np.rint(x / scale)
+    q += zero_point.astype(np.float32)
+    np.clip(q, info.min, info.max, out=q)
+    return q.astype(qparams.dtype)
+
+
+def dequantize(q: np.ndarray, qparams: QuantParams, axis: int = 1) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale in float32."""
+    q = np.asarray(q)
+    scale, zero_point = _broadcast(qparams, q.ndim, axis)
+    return (q.astype(np.int32) - zero_point.astype(np.int32)).astype(np.float32) * scale
+
+
+def _broadcast(qparams: QuantParams, ndim: int, axis: int):
+    if qparams.scale.ndim == 0:
+        return qparams.scale, qparams.zero_point
+    if not -ndim <= axis < ndim:
+        raise ArgumentError(f"axis {axis} is out of range for a tensor of rank {ndim}")
+    shape = [1] * ndim
+    shape[axis] = -1
+    return qparams.scale.reshape(shape), qparams.zero_point.reshape(shape)
+
+
+def _check_dtype(dtype) -> np.dtype:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+        raise ArgumentError(f"quantized dtype must be uint8 or int8, got {dtype}")
+    return dtype
+
+
+class Observer:
+    """Running min/max of a tensor, per tensor or per channel (axis 1).
+
+    ``min_val`` / ``max_val`` are float32 arrays with one entry per row (1 per tensor, C per
+    channel), allocated by the first ``update``; later updates keep their size.
+    """
+
+    def __init__(self, per_channel: bool = False):
+        self.per_channel = bool(per_channel)
+        self.min_val: np.ndarray | None = None
+        self.max_val: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        """Observe one batch (any batch size; an empty batch is ignored)."""
+        x3 = self._rows(x)
+        if x3.size == 0:
+            return
+        lo = x3.min(axis=2).min(axis=0)
+        hi = x3.max(axis=2).max(axis=0)
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            nan = int(np.isnan(x3).sum())
+            raise DataError(f"non-finite values seen in a batch of shape {np.shape(x)}: {nan} NaN "
+                            f"and {int(np.isinf(x3).sum())} inf; calibration data must be finite")
+        if self.min_val is None:
+            self._start(x3.shape[1])
+        else:
+            lo, hi = np.minimum(self.min_val, lo), np.maximum(self.max_val, hi)
+        self._observe(x3, lo, hi)
+        self.min_val, self.max_val = lo, hi
+
+    def merge(self, other: Observer) -> None:
+        """Add ``other``'s observations to this one, as if this observer had seen both streams."""
+        if type(other) is not type(self) or other._options() != self._options():
+            raise ArgumentError(f"cannot merge {other!r} into {self!r}: kinds or options differ")
+        if other.min_val is None:
+            return
+        if self.min_val is None:
+            self._start(other.min_val.size)
+            lo, hi = other.min_val.copy(), other.max_val.copy()
+        elif other.min_val.size != self.min_val.size:
+            raise ArgumentError(f"cannot merge observers of {other.min_val.size} and "
+                                f"{self.min_val.size} channels")
+        else:
+            lo = np.minimum(self.min_val, other.min_val)
+            hi = np.maximum(self.max_val, other.max_val)
+        self._absorb(other, lo, hi)
+        self.min_val, self.max_val = lo, hi
+
+    def qparams(self, dtype=np.uint8, *, symmetric: bool = False,
+                reduce_range: bool = False) -> QuantParams:
+        """Quantization parameters of the calibrated range (formulas in the module docstring)."""
+        qmin, qmax = quant_range(dtype, reduce_range)
+        if self.min_val is None:
+            raise DataError(f"{type(self).__name__} has seen no data: calibrate with at least "
+                            "one sample")
+        rmin, rmax = self._range(qmax - qmin + 1, symmetric)
+        if not self.per_channel:
+            rmin, rmax = rmin[0], rmax[0]
+        return qparams_from_range(rmin, rmax, dtype, symmetric=symmetric,
+                                  reduce_range=reduce_range)
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({options})"
+
+    def _options(self) -> dict:
+        return {"per_channel": self.per_channel}
+
+    def _rows(self, x) -> np.ndarray:
+        """The batch as float32 (N, R, M): R rows of state, reduce over axes 0 and 2."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not self.per_channel:
+            return x.reshape(1, 1, -1)
+        if x.ndim < 2:
+            raise DataError(f"per-channel calibration needs a tensor of rank >= 2 (channels on "
+                            f"axis 1), got shape {x.shape}")
+        if self.min_val is not None and x.shape[1] != self.min_val.size:
+            raise DataError(f"batch of shape {x.shape} has {x.shape[1]} channels, earlier "
+                            f"batches had {self.min_val.size}")
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
+    def _start(self, rows: int) -> None:
+        """Allocate the state beyond min/max for ``rows`` rows."""
+
+    def _observe(self, x3: np.ndarray, new_lo: np.ndarray, new_hi: np.ndarray) -> None:
+        """Add a batch; self.min_val/max_val still hold the old range (None on the first)."""
+
+    def _absorb(self, other: Observer, new_lo: np.ndarray, new_hi: np.ndarray) -> None:
+        """Add ``other``'s state beyond min/max; same convention as ``_observe``."""
+
+    def _range(self, levels: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+        return self.min_val, self.max_val
+
+
+class MinMaxObserver(Observer):
+    """The range is the running [min, max] of everything seen (exact, order-independent)."""
+
+
+class HistogramObserver(Observer):
+    """Running min/max plus a ``bins``-count histogram per row (module docstring: the grid).
+
+    ``histogram`` is an int64 (rows, bins) array; ``edges()`` gives its bin edges.
+    Subclasses choose the range from it in ``_range``.
+    """
+
+    def __init__(self, per_channel: bool = False, bins: int = DEFAULT_BINS):
+        super().__init__(per_channel)
+        if (isinstance(bins, bool) or not isinstance(bins, (int, np.integer))
+                or not 512 <= bins <= _MAX_BINS or bins & (bins - 1)):
+            raise ArgumentError(f"bins must be a power of two from 512 to {_MAX_BINS}, got {bins!r}")
+        self.bins = int(bins)
+        self._log2_bins = self.bins.bit_length() - 1
+        self.histogram: np.ndarray | None = None
+
+    def edges(self) -> np.ndarray:
+        """Bin edges, float64 (rows, bins + 1); exact multiples of the bin width."""
+        if self.min_val is None:
+            raise DataError(f"{type(self).__name__} has seen no data")
+        e, offset = self._grid(self.min_val, self.max_val)
+        j = np.arange(self.bins + 1)
+        return np.ldexp((j[None, :] - offset[:, None]).astype(np.float64), e[:, None])
+
+    def _options(self):
+        return {"per_channel": self.per_channel, "bins": self.bins}
+
+    def _grid(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: bin width exponent e (w = 2**e) and the index of the bin starting at 0."""
+        two_sided = lo < 0
+        s = np.frexp(np.maximum(hi, -lo))[1].astype(np.int64)  # smallest s with max|x| < 2**s
+        s = np.maximum(s, _E_MIN + self._log2_bins)
+        return s - self._log2_bins + two_sided, two_sided * (self.bins // 2)
+
+    def _start(self, rows):
+        self.histogram = np.zeros((rows, self.bins), dtype=np.int64)
+
+    def _regrid(self, hist, lo, hi, new_lo, new_hi) -> np.ndarray:
+        """``hist`` on the grid of (lo, hi) re-binned onto the grid of (new_lo, new_hi)."""
+        e, offset = self._grid(lo, hi)
+        new_e, new_offset = self._grid(new_lo, new_hi)
+        rows = np.flatnonzero((new_e != e) | (new_offset != offset))
+        if rows.size == 0:
+            return hist
+        hist = hist.copy()
+        shift = np.minimum(new_e[rows] - e[rows], 62)[:, None]
+        j = np.arange(self.bins)[None, :]
+        # Old bin [(j - offset) w, ...) lies inside new bin floor((j - offset) w / w_new).
+        target = ((j - offset[rows, None]) >> shift) + new_offset[rows, None]
+        target += np.arange(rows.size)[:, None] * self.bins
+        counts = np.bincount(target.ravel(), weights=hist[rows].ravel(),
+                             minlength=rows.size * self.bins)
+        hist[rows] = counts.reshape(rows.size, self.bins).astype(np.int64)
+        return hist
+
+    def _observe(self, x3, new_lo, new_hi):
+        if self.min_val is not None:
+            self.histogram = self._regrid(self.histogram, self.min_val, self.max_val,
+                                          new_lo, new_hi)
+        rows = x3.shape[1]
+        e, offset = self._grid(new_lo, new_hi)
+        # x * 2**-e is exact; float64 only where row offsets would not fit float32's mantissa.
+        ftype = np.float32 if rows * self.bins <= 1 << 24 else np.float64
+        t = np.multiply(x3, np.ldexp(ftype(1), -e)[None, :, None].astype(ftype), dtype=ftype)
+        base = offset + np.arange(rows) * self.bins
+        if (base != 0).any():
+            np.floor(t, out=t)  # where base == 0, x >= 0 and the integer cast floors
+            t += base[None, :, None].astype(ftype)  # integers below 2**24 (2**53): exact
+        counts = np.bincount(t.astype(np.intp).ravel(), minlength=rows * self.bins)
+        self.histogram += counts.reshape(rows, self.bins)
+
+    def _absorb(self, other, new_lo, new_hi):
+        theirs = self._regrid(other.histogram, other.min_val, other.max_val, new_lo, new_hi)
+        if self.min_val is None:
+            self.histogram = theirs.copy()
+        else:
+            self.histogram = theirs + self._regrid(self.histogram, self.min_val, self.max_val,
+                                                   new_lo, new_hi)
+
+
+class PercentileObserver(HistogramObserver):
+    """Range from the (100 - p)-th to the p-th percentile of the histogram (module docstring)."""
+
+    def __init__(self, per_channel: bool = False, percentile: float = 99.99,
+                 bins: int = DEFAULT_BINS):
+        super().__init__(per_channel, bins)
+        if (isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.number))
+                or not 50 <= percentile <= 100):
+            raise ArgumentError(f"percentile must be a number from 50 to 100 (the share of values "
+                                f"inside the range), got {percentile!r}")
+        self.percentile = float(percentile)
+
+    def _options(self):
+        return {**super()._options(), "percentile": self.percentile}
+
+    def _range(self, levels, symmetric):
+        if self.percentile == 100:
+            return self.min_val, self.max_val
+        e, offset = self._grid(self.min_val, self.max_val)
+        cum = np.cumsum(self.histogram, axis=1)
+        total = cum[:, -1]
+        rows = np.arange(cum.shape[0])
+
+        def quantile(q):
+            rank = q * (total - 1)
+            b = (cum <= np.floor(rank)[:, None]).sum(axis=1)  # bin holding sample floor(rank)
+            count = self.histogram[rows, b]
+            inside = (rank - (cum[rows, b] - count) + 0.5) / count  # samples evenly spread
+            return np.ldexp(b - offset + np.clip(inside, 0, 1), e)
+
+        q = self.percentile / 100
+        return (np.maximum(quantile(1 - q), self.min_val),
+                np.minimum(quantile(q), self.max_val))
+
+
+class _ThresholdObserver(HistogramObserver):
+    """Searches a threshold t on the magnitude histogram; range [max(-t, min), min(t, max)]."""
+
+    def _range(self, levels, symmetric):
+        e, offset = self._grid(self.min_val, self.max_val)
+        half = self.bins // 2
+        lo = np.minimum(self.min_val, 0).astype(np.float64)
+        hi = np.maximum(self.max_val, 0).astype(np.float64)
+        steps = 2 * (levels // 2 - 1) if symmetric else levels - 1  # codes across the range
+        threshold = np.empty(offset.shape, dtype=np.float64)
+        for rows in (np.flatnonzero(offset == 0), np.flatnonzero(offset != 0)):
+            if rows.size == 0:
+                continue
+            hist = self.histogram[rows]
+            if offset[rows[0]]:  # fold: |x| in [k w, (k + 1) w) for x in [-(k + 1) w, -k w)
+                hist = hist[:, half:] + hist[:, half - 1::-1]
+            one_sided = not (offset[rows[0]] or symmetric)
+            w = np.ldexp(1.0, e[rows])
+            i = self._search(hist.astype(np.float64), levels if one_sided else levels // 2,
+                             lo[rows] / w, hi[rows] / w, steps, symmetric)
+            threshold[rows] = i * w
+        return (np.maximum(-threshold, self.min_val).astype(np.float32),
+                np.minimum(threshold, self.max_val).astype(np.float32))
+
+    def _search(self, hist, levels, lo, hi, steps, symmetric) -> np.ndarray:
+        """Per row, the number of bins i of the best threshold t = i w (all in units of w)."""
+        raise NotImplementedError
+
+
+class EntropyObserver(_ThresholdObserver):
+    """Threshold minimising KL(P || Q), TensorRT's search (module docstring)."""
+
+    def _search(self, hist, levels, lo, hi, steps, symmetric):
+        rows, n = hist.shape
+        levels = min(levels, n)
+        zero = np.zeros((rows, 1))
+        cum = np.hstack([zero, np.cumsum(hist, axis=1)])
+        nonzero = np.hstack([zero, np.cumsum(hist > 0, axis=1)])
+        xlogx = np.hstack([zero, np.cumsum(_xlogy(hist, hist), axis=1)])
+        total = cum[:, n:]
+        # as TensorRT, thresholds run up to the largest value (the last non-empty bin)
+        end = np.maximum(n - np.argmax(hist[:, ::-1] > 0, axis=1), levels)
+        candidates = np.arange(levels, end.max() + 1)
+        kl = np.empty((rows, candidates.size))
+        g = np.arange(levels + 1)
+        chunk = max(1, _CHUNK // (rows * (levels + 1)))  # bounds the (rows, chunk, levels) arrays
+        for k in range(0, candidates.size, chunk):
+            i = candidates[k:k + chunk]
+            edges = -((-g[None, :] * i[:, None]) // levels)  # level g: bins [edges[g], edges[g+1])
+            groups = np.diff(cum[:, edges], axis=2)
+            nz = np.diff(nonzero[:, edges], axis=2)
+            outliers = total - cum[:, i]
+            p_last = hist[:, i - 1] + outliers
+            nz[:, :, -1] += (hist[:, i - 1] == 0) & (outliers > 0)
+            mass = groups.copy()
+            mass[:, :, -1] += outliers
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cross = _xlogy(mass, groups / nz).sum(axis=2)
+                kl[:, k:k + chunk] = ((xlogx[:, i - 1] + _xlogy(p_last, p_last) - cross) / total
+                                      + np.log(cum[:, i] / total))
+            # Q is 0 where P holds the clipped mass: not representable
+            kl[:, k:k + chunk][(groups[:, :, -1] == 0) & (outliers > 0)] = np.inf
+        kl[candidates[None, :] > end[:, None]] = np.inf
+        return candidates[np.argmin(kl, axis=1)]
+
+
+class MseObserver(_ThresholdObserver):
+    """Threshold minimising the expected squared quantization error (module docstring)."""
+
+    def _search(self, hist, levels, lo, hi, steps, symmetric):
+        n = hist.shape[1]
+        i = np.arange(1, n + 1, dtype=np.float64)
+        centre = np.arange(n) + 0.5
+
+        def beyond(v):  # sums over bins j >= i, for i = 1 .. n
+            return np.hstack([np.cumsum(v[:, :0:-1], axis=1)[:, ::-1], np.zeros((len(v), 1))])
+
+        s0, s1, s2 = (beyond(hist * centre**k) for k in range(3))
+        if symmetric:
+            span = 2 * np.minimum(i, np.maximum(-lo, hi)[:, None])
+        else:
+            span = np.minimum(i, hi[:, None]) - np.maximum(-i, lo[:, None])
+        inside = hist.sum(axis=1, keepdims=True) - s0
+        error = (span / steps) ** 2 / 12 * inside + s2 - 2 * i * s1 + i**2 * s0 + s0 / 12
+        return i[np.argmin(error, axis=1)]
+
+
+def _xlogy(x, y):
+    """x * log(y) with 0 where x == 0."""
+    return np.where(x > 0, x * np.log(np.where(x > 0, y, 1)), 0.0)
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MseObserver,
+}
+
+
+def make_observer(method: str = "minmax", per_channel: bool = False, **options) -> Observer:
+    """A new observer of ``method`` (a key of ``OBSERVERS``) with its ``options``."""
+    if method not in OBSERVERS:
+        raise ArgumentError(f"unknown calibration method {method!r}; choose one of "
+                            f"{', '.join(OBSERVERS)}")
+    cls = OBSERVERS[method]
+    known = set(inspect.signature(cls).parameters) - {"per_channel"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ArgumentError(f"calibration method {method!r} has no option "
+                            f"{', '.join(unknown)}; its options: {', '.join(sorted(known)) or 'none'}")
+    return cls(per_channel=per_channel, **options)
