@@ -61,6 +61,7 @@ folded around 0, |x| in bins [k w, (k+1) w)), then clip the range to [max(-t, mi
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,7 +156,7 @@ def quantize(x: np.ndarray, qparams: QuantParams, axis: int = 1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     scale, zero_point = _broadcast(qparams, x.ndim, axis)
     info = np.iinfo(qparams.dtype)
-    q = np.rint(x / scale)
+    q = np.asarray(np.rint(x / scale))
     q += zero_point.astype(np.float32)
     np.clip(q, info.min, info.max, out=q)
     return q.astype(qparams.dtype)
@@ -267,7 +268,7 @@ class Observer:
         if self.min_val is not None and x.shape[1] != self.min_val.size:
             raise DataError(f"batch of shape {x.shape} has {x.shape[1]} channels, earlier "
                             f"batches had {self.min_val.size}")
-        return x.reshape(x.shape[0], x.shape[1], -1)
+        return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
     def _start(self, rows: int) -> None:
         """Allocate the state beyond min/max for ``rows`` rows."""

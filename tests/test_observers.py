@@ -1,0 +1,414 @@
+"""Observers against slow, plainly written references; streaming, merging and bounded state;
+hypothesis properties of the quantization parameters; PyTorch's MinMaxObserver where installed."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bnq.errors import ArgumentError, DataError
+from bnq.observers import (
+    OBSERVERS,
+    EntropyObserver,
+    MinMaxObserver,
+    MseObserver,
+    PercentileObserver,
+    dequantize,
+    make_observer,
+    qparams_from_range,
+    quant_range,
+    quantize,
+    weight_qparams,
+)
+
+METHODS = sorted(OBSERVERS)
+
+
+def stream(seed, relu, n_batches=5, shape=(3, 6, 5, 5)):
+    """Batches whose range grows from batch to batch (the histograms must regrid)."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for k in range(n_batches):
+        x = (rng.standard_normal((rng.integers(1, shape[0] + 1), *shape[1:])) * 3.0**k
+             + rng.normal(size=(1, shape[1], 1, 1)))
+        batches.append((np.maximum(x, 0) if relu else x).astype(np.float32))
+    return batches
+
+
+def observed(method, per_channel, batches, **options):
+    obs = make_observer(method, per_channel=per_channel, **options)
+    for x in batches:
+        obs.update(x)
+    return obs
+
+
+def rows_of(batches, per_channel):
+    """All values per row of state: (1, M) per tensor, (C, M) per channel."""
+    x = np.concatenate(batches)
+    if not per_channel:
+        return x.reshape(1, -1)
+    return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+
+
+def assert_same_qparams(a, b):
+    for field in ("scale", "zero_point", "rmin", "rmax"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    assert a.dtype == b.dtype
+
+
+# --- references --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_minmax_is_min_and_max_of_everything(per_channel, relu):
+    batches = stream(1, relu)
+    obs = observed("minmax", per_channel, batches)
+    values = rows_of(batches, per_channel)
+    np.testing.assert_array_equal(obs.min_val, values.min(axis=1))
+    np.testing.assert_array_equal(obs.max_val, values.max(axis=1))
+    qp = obs.qparams(np.uint8)
+    expected_max = values.max(axis=1) if per_channel else values.max()
+    np.testing.assert_array_equal(qp.rmax, expected_max)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_is_np_histogram_at_the_final_edges(method, per_channel, relu):
+    batches = stream(2, relu)
+    obs = observed(method, per_channel, batches, bins=512)
+    values, edges = rows_of(batches, per_channel), obs.edges()
+    assert obs.histogram.shape == (len(values), 512)
+    assert ((edges[:, 0] >= 0) == relu).all()  # one-sided grid for ReLU outputs
+    for row, (v, e) in enumerate(zip(values, edges)):
+        assert e[0] <= v.min() and v.max() < e[-1]
+        np.testing.assert_array_equal(obs.histogram[row], np.histogram(v, bins=e)[0])
+
+
+def test_histogram_grows_from_all_zero_and_turns_two_sided():
+    batches = [np.zeros((2, 3, 4), np.float32), np.full((1, 3, 4), 1e-30, np.float32),
+               np.float32([[[0.5, 2.0, 0, 0]] * 3]), np.float32([[[-7.0, 1, 0, 0]] * 3])]
+    for per_channel in (False, True):
+        obs = observed("mse", per_channel, batches, bins=512)
+        for v, e, h in zip(rows_of(batches, per_channel), obs.edges(), obs.histogram):
+            np.testing.assert_array_equal(h, np.histogram(v, bins=e)[0])
+            assert e[0] == -8 and e[-1] == 8
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_percentile_within_one_bin_of_np_percentile(per_channel, relu):
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((16, 4, 32), dtype=np.float32) for _ in range(4)]
+    if relu:
+        batches = [np.maximum(x, 0) for x in batches]
+    for p in (99.0, 99.9, 100.0):
+        obs = observed("percentile", per_channel, batches, percentile=p, bins=512)
+        width = np.diff(obs.edges()[:, :2], axis=1)[:, 0]
+        qp = obs.qparams(np.uint8)
+        values = rows_of(batches, per_channel)
+        for q, got in ((p, qp.rmax), (100 - p, np.maximum(qp.rmin, values.min(axis=1)))):
+            # np.percentile interpolates between two samples: within a bin of one of them
+            below = np.percentile(values, q, axis=1, method="lower")
+            above = np.percentile(values, q, axis=1, method="higher")
+            assert np.all((below - width <= got) & (got <= above + width)), (q, got, below)
+            if relu:
+                break
+
+
+def test_percentile_100_is_minmax():
+    batches = stream(4, relu=False)
+    for dtype in (np.uint8, np.int8):
+        assert_same_qparams(observed("percentile", True, batches, percentile=100).qparams(dtype),
+                            observed("minmax", True, batches).qparams(dtype))
+
+
+def magnitude(obs, row):
+    """The row's histogram of |x| (folded around 0 when two-sided) and its bin width."""
+    h, e = obs.histogram[row], obs.edges()[row]
+    if e[0] < 0:
+        half = len(h) // 2
+        h = h[half:] + h[:half][::-1]
+    return h, e[1] - e[0]
+
+
+def brute_kl(hist, i, levels):
+    """KL(P || Q) for a threshold of i bins, written as a plain loop (TensorRT's construction)."""
+    p = [float(c) for c in hist[:i]]
+    outliers = float(sum(hist[i:]))
+    p[-1] += outliers
+    q = [0.0] * i
+    for g in range(levels):
+        lo, hi = math.ceil(g * i / levels), math.ceil((g + 1) * i / levels)
+        members = [j for j in range(lo, hi) if p[j] > 0]
+        for j in members:
+            q[j] = float(sum(hist[lo:hi])) / len(members)
+    sp, sq = sum(p), sum(q)
+    kl = 0.0
+    for pj, qj in zip(p, q):
+        if pj > 0:
+            if qj == 0:
+                return math.inf
+            kl += pj / sp * math.log((pj / sp) / (qj / sq))
+    return kl
+
+
+def brute_mse(hist, i, lo, hi, steps):
+    """Expected squared error of the range clipped at i bins (bin units), bin by bin."""
+    span = min(i, hi) - max(-i, lo)
+    error = 0.0
+    for j, count in enumerate(hist):
+        centre = j + 0.5
+        if j < i:
+            error += count * (span / steps) ** 2 / 12
+        else:
+            error += count * ((centre - i) ** 2 + 1 / 12)
+    return error
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_threshold_search_against_brute_force(method, relu):
+    rng = np.random.default_rng(5)
+    # long tails, so clipping pays (it does, in 7 of these 8 cases); channels of two scales
+    x = rng.laplace(size=(400, 2, 20)).astype(np.float32) * np.float32([[[1], [0.01]]])
+    if relu:
+        x = np.maximum(x, 0)
+    obs = observed(method, True, [x], bins=512)
+    for dtype, reduce_range in ((np.uint8, False), (np.int8, True)):
+        qmin, qmax = quant_range(dtype, reduce_range)
+        qp = obs.qparams(dtype, reduce_range=reduce_range)
+        for row in range(2):
+            hist, w = magnitude(obs, row)
+            lo, hi = min(obs.min_val[row], 0) / w, max(obs.max_val[row], 0) / w
+            levels = qmax - qmin + 1 if relu else (qmax - qmin + 1) // 2
+            if method == "entropy":
+                last = max(j for j in range(len(hist)) if hist[j] > 0) + 1
+                cost = {i: brute_kl(hist, i, levels) for i in range(levels, max(last, levels) + 1)}
+            else:
+                cost = {i: brute_mse(hist, i, lo, hi, qmax - qmin) for i in range(1, len(hist) + 1)}
+            best = min(cost.values())
+            near = [i for i, c in cost.items() if c <= best + 1e-9 * abs(best) + 1e-12]
+            choices = [np.float32(min(i * w, obs.max_val[row])) for i in near]
+            assert qp.rmax[row] in choices, (row, qp.rmax[row], choices[:5])
+            if not relu:
+                assert qp.rmin[row] in [np.float32(max(-i * w, obs.min_val[row])) for i in near]
+
+
+# --- streaming, merging, bounded state ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_batches_of_any_size_equal_one_big_batch(method, per_channel):
+    whole = np.concatenate(stream(6, relu=method == "mse", shape=(8, 6, 5, 5)))
+    n = len(whole)
+    resplit = np.split(whole, [n // 2, n // 2, n // 2 + 1, n - 2])  # with an empty batch
+    one = observed(method, per_channel, [whole])
+    many = observed(method, per_channel, resplit)
+    np.testing.assert_array_equal(one.min_val, many.min_val)
+    if method != "minmax":
+        np.testing.assert_array_equal(one.histogram, many.histogram)
+    for dtype in (np.uint8, np.int8):
+        assert_same_qparams(one.qparams(dtype), many.qparams(dtype))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_merge_equals_one_observer_of_both_streams(method, per_channel):
+    first, second = stream(7, relu=True), stream(8, relu=False)[:3]  # second turns it two-sided
+    both = observed(method, per_channel, first + second)
+    for a, b in ((first, second), (second, first), ([], first + second)):
+        merged = observed(method, per_channel, a)
+        merged.merge(observed(method, per_channel, b))
+        np.testing.assert_array_equal(merged.max_val, both.max_val)
+        if method != "minmax":
+            np.testing.assert_array_equal(merged.histogram, both.histogram)
+        assert_same_qparams(merged.qparams(np.uint8), both.qparams(np.uint8))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_size_is_fixed_after_the_first_update(method):
+    obs = make_observer(method, per_channel=True)
+    rng = np.random.default_rng(9)
+
+    def state_bytes():
+        return sum(v.nbytes for v in vars(obs).values() if isinstance(v, np.ndarray))
+
+    obs.update(rng.standard_normal((2, 8, 4, 4), dtype=np.float32))
+    size = state_bytes()
+    for k in range(60):
+        obs.update(rng.standard_normal((1 + k % 5, 8, 4, 4), dtype=np.float32) * 1.5**k)
+        assert state_bytes() == size
+
+
+# --- quantization parameters -------------------------------------------------------------------
+
+finite32 = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=finite32, b=finite32, dtype=st.sampled_from([np.uint8, np.int8]),
+       symmetric=st.booleans(), reduce_range=st.booleans())
+def test_qparams_invariants(a, b, dtype, symmetric, reduce_range):
+    rmin, rmax = min(a, b), max(a, b)
+    qp = qparams_from_range(rmin, rmax, dtype, symmetric=symmetric, reduce_range=reduce_range)
+    info = np.iinfo(dtype)
+    assert qp.scale.dtype == np.float32 and np.isfinite(qp.scale) and qp.scale > 0
+    assert qp.zero_point.dtype == dtype and info.min <= qp.zero_point <= info.max
+    assert dequantize(quantize(np.float32(0), qp), qp) == 0  # zero exactly representable
+    if rmin >= 0 and not symmetric:
+        assert qp.zero_point == quant_range(dtype, reduce_range)[0]
+    inside = np.linspace(rmin, rmax, 101, dtype=np.float32)
+    error = np.abs(dequantize(quantize(inside, qp), qp) - inside)
+    assert np.all(error <= qp.scale / 2 * (1 + 2**-16) + np.abs(inside) * 2**-22)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=4, max_side=5),
+                    elements=st.floats(-1e4, 1e4, width=32)),
+       method=st.sampled_from(METHODS), per_channel=st.booleans(), relu=st.booleans())
+def test_observer_qparams_invariants(x, method, per_channel, relu):
+    if relu:
+        x = np.abs(x)
+    obs = make_observer(method, per_channel=per_channel, **({} if method == "minmax" else
+                                                            {"bins": 512}))
+    obs.update(x)
+    for dtype in (np.uint8, np.int8):
+        qp = obs.qparams(dtype)
+        assert np.all(np.isfinite(qp.scale)) and np.all(qp.scale > 0)
+        assert np.all(dequantize(quantize(np.zeros_like(x), qp), qp) == 0)
+        if relu:
+            assert np.all(qp.zero_point == np.iinfo(dtype).min)
+        if method == "minmax":  # every value is inside the range
+            scale = qp.scale.reshape(-1, *[1] * (x.ndim - 2)) if per_channel else qp.scale
+            error = np.abs(dequantize(quantize(x, qp), qp) - x)
+            assert np.all(error <= scale / 2 * (1 + 2**-16) + np.abs(x) * 2**-22)
+
+
+def test_all_zero_tensor_gets_scale_eps_and_zero_point_qmin():
+    for method in METHODS:
+        obs = make_observer(method)
+        obs.update(np.zeros((2, 3), np.float32))
+        qp = obs.qparams(np.uint8)
+        assert qp.scale == np.finfo(np.float32).eps and qp.zero_point == 0
+        assert qp.rmin == 0 and qp.rmax == 0
+
+
+def test_formulas_on_a_worked_example():
+    qp = qparams_from_range(-1.0, 3.0, np.uint8)
+    assert qp.scale == np.float32(4.0) / np.float32(255)
+    assert qp.zero_point == 0 - round(-1.0 / float(qp.scale))  # 64
+    qp = qparams_from_range(-1.0, 3.0, np.int8, symmetric=True)
+    assert qp.scale == np.float32(3.0) / np.float32(127) and qp.zero_point == 0
+    assert qp.rmin == -3 and qp.rmax == 3
+    qp = qparams_from_range(0.5, 2.0, np.uint8, reduce_range=True)
+    assert qp.rmin == 0 and qp.zero_point == 0 and qp.scale == np.float32(2.0) / np.float32(127)
+    assert quant_range(np.int8, True) == (-64, 63)
+
+
+def test_quantize_is_quantizelinear():
+    qp = qparams_from_range(np.float32([0, -32]), np.float32([63.75, 31.75]), np.uint8)
+    np.testing.assert_array_equal(qp.scale, [0.25, 0.25])
+    np.testing.assert_array_equal(qp.zero_point, [0, 128])
+    # ties round half to even; out-of-range values saturate
+    x = np.float32([[0.125, -0.125], [0.375, 2.625], [-1000, 1000]])
+    q = quantize(x, qp, axis=1)
+    np.testing.assert_array_equal(q, np.uint8([[0, 128], [2, 138], [0, 255]]))
+    np.testing.assert_array_equal(dequantize(q, qp, axis=1),
+                                  np.float32([[0, 0], [0.5, 2.5], [0, 31.75]]))
+    with pytest.raises(ArgumentError):
+        quantize(np.zeros(3, np.float32), qp, axis=1)
+
+
+def test_weight_qparams_symmetric_per_output_channel():
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.float32([1, 2, 0, 8])[:, None,
+                                                                                         None, None]
+    qp = weight_qparams(w)
+    amax = np.abs(w).reshape(4, -1).max(axis=1)
+    np.testing.assert_array_equal(qp.zero_point, np.zeros(4, np.int8))
+    np.testing.assert_array_equal(qp.scale, np.maximum(amax / np.float32(127),
+                                                       np.finfo(np.float32).eps))
+    q = quantize(w, qp, axis=0)
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127
+    assert np.all(np.abs(dequantize(q, qp, axis=0) - w) <= qp.scale[:, None, None, None] / 2 * 1.0001)
+    np.testing.assert_array_equal(weight_qparams(np.moveaxis(w, 0, 2), axis=2).scale, qp.scale)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_raise_data_error(method, bad):
+    obs = make_observer(method, per_channel=True)
+    x = np.ones((2, 3, 4), np.float32)
+    x[1, 2, 3] = bad
+    with pytest.raises(DataError, match="non-finite"):
+        obs.update(x)
+
+
+def test_bad_arguments():
+    with pytest.raises(ArgumentError, match="minmax"):
+        make_observer("kl")
+    for p in (0, 49.9, 100.5, float("nan"), True):
+        with pytest.raises(ArgumentError, match="percentile"):
+            make_observer("percentile", percentile=p)
+    with pytest.raises(ArgumentError, match="no option"):
+        make_observer("minmax", bins=512)
+    with pytest.raises(ArgumentError, match="bins"):
+        make_observer("mse", bins=1000)
+    with pytest.raises(ArgumentError, match="dtype"):
+        qparams_from_range(0, 1, np.int16)
+    with pytest.raises(DataError, match="no data"):
+        make_observer("entropy").qparams(np.uint8)
+    obs = make_observer("minmax", per_channel=True)
+    with pytest.raises(DataError, match="rank"):
+        obs.update(np.ones(3, np.float32))
+    obs.update(np.ones((1, 3), np.float32))
+    with pytest.raises(DataError, match="channels"):
+        obs.update(np.ones((1, 4), np.float32))
+    with pytest.raises(ArgumentError, match="merge"):
+        obs.merge(make_observer("mse", per_channel=True))
+    assert isinstance(make_observer("percentile", percentile=99), PercentileObserver)
+    assert {EntropyObserver, MinMaxObserver, MseObserver} < set(OBSERVERS.values())
+
+
+# --- PyTorch -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype,reduce_range", [(np.uint8, False), (np.uint8, True),
+                                                (np.int8, False), (np.int8, True)])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's deprecations of quantized tensors
+def test_minmax_matches_torch(per_channel, dtype, reduce_range):
+    torch = pytest.importorskip("torch")
+    from torch.ao.quantization import MinMaxObserver as TorchMinMax
+    from torch.ao.quantization import PerChannelMinMaxObserver
+
+    tdtype = torch.quint8 if dtype == np.uint8 else torch.qint8
+    if per_channel:
+        ref = PerChannelMinMaxObserver(ch_axis=1, dtype=tdtype, reduce_range=reduce_range,
+                                       qscheme=torch.per_channel_affine)
+    else:
+        ref = TorchMinMax(dtype=tdtype, reduce_range=reduce_range)
+    batches = stream(11, relu=False) + [np.zeros((1, 6, 5, 5), np.float32)]
+    batches[0][:, 3] = np.abs(batches[0][:, 3]) + 1  # one channel positive in the first batch
+    obs = observed("minmax", per_channel, batches)
+    for x in batches:
+        ref(torch.from_numpy(x))
+    scale, zero_point = ref.calculate_qparams()
+    qp = obs.qparams(dtype, reduce_range=reduce_range)
+    np.testing.assert_array_equal(qp.scale, scale.numpy().astype(np.float32))
+    np.testing.assert_array_equal(qp.zero_point.astype(np.int64), zero_point.numpy())
+    x = np.concatenate(batches)
+    if per_channel:
+        tq = torch.quantize_per_channel(torch.from_numpy(x), scale, zero_point, 1, tdtype)
+    else:
+        tq = torch.quantize_per_tensor(torch.from_numpy(x), float(scale), int(zero_point), tdtype)
+    np.testing.assert_array_equal(quantize(x, qp, axis=1), tq.int_repr().numpy())
