@@ -16,9 +16,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from bnq.calibrate import CalibrationReport, calibrate
+from bnq.data import SampleData, model_inputs
 from bnq.errors import BnqError
 from bnq.fusion import FuseReport, fuse
 from bnq.io import check_output_path, load_model, save_model
+from bnq.machine import IntegerFormats, default_formats
+from bnq.observers import OBSERVERS
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -127,6 +133,97 @@ def _render_fuse(model: Path, output: Path, report: FuseReport) -> None:
     else:
         out.print(f"nothing to fuse: {model} has no BatchNormalization; wrote an unchanged copy "
                   f"to {output}")
+
+
+def _progress(description: str, total: int) -> Progress:
+    """A progress bar on stderr, shown only on a terminal."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=err, transient=True,
+                        disable=not err.is_terminal)
+    progress.add_task(description, total=total)
+    return progress
+
+
+@cli.command("calibrate")
+@click.argument("model", type=MODEL)
+@click.option("-d", "--data", type=click.Path(path_type=Path), required=True,
+              help="Calibration samples: .npz keyed by input name, .npy, or a directory of them.")
+@click.option("-o", "--output", type=MODEL, required=True,
+              help="Where to write the quantized model (.onnx or .npz).")
+@click.option("--method", type=click.Choice(list(OBSERVERS)), default="minmax", show_default=True,
+              help="How activation ranges are chosen from the observed values.")
+@click.option("--percentile", type=float, default=99.99, show_default=True,
+              help="With --method percentile: the percentile of the values kept in range.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per batch run through the model.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None,
+              help="Use at most this many samples (default: all).")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default=None,
+              help="Integer type of activations (default: chosen for this CPU, see the report).")
+@click.option("--weight-type", type=click.Choice(["int8"]), default="int8", show_default=True,
+              help="Integer type of Conv/Gemm/MatMul weights.")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="7-bit weights, which avoid u8 x s8 saturation on AVX2 CPUs without VNNI "
+                   "(default: on for such CPUs).")
+@_force_option
+@_json_option
+def calibrate_command(model: Path, data: Path, output: Path, method: str, percentile: float,
+                      batch_size: int, num_samples: int | None, activation_type: str | None,
+                      weight_type: str, reduce_range: bool | None, force: bool,
+                      as_json: bool) -> None:
+    """Quantize MODEL (float, fused or not) with ranges calibrated on DATA.
+
+    Conv/Gemm/MatMul get int8 weights per output channel and quantized activations (QDQ, which
+    onnxruntime runs with integer kernels); every BatchNormalization + Relu becomes a
+    bnq.QLinearBatchNormRelu node, bit-exact with PyTorch's quantized BNReLU2d."""
+    check_output_path(output, [model, data], overwrite=force)
+    float_model = load_model(model)
+    samples = SampleData(data, model_inputs(float_model))
+    formats = _formats(activation_type, weight_type, reduce_range)
+    options = {"percentile": percentile} if method == "percentile" else {}
+    total = min(num_samples or samples.num_samples, samples.num_samples)
+    with _progress("calibrating", total) as progress:
+        quantized, report = calibrate(
+            float_model, samples, formats=formats, method=method, method_options=options,
+            batch_size=batch_size, num_samples=num_samples,
+            progress=lambda n: progress.advance(progress.task_ids[0], n))
+    save_model(quantized, output, overwrite=force)
+    if as_json:
+        _print_json({"model": str(model), "output": str(output), **dataclasses.asdict(report)})
+    else:
+        _render_calibration(output, report)
+
+
+def _formats(activation_type: str | None, weight_type: str,
+             reduce_range: bool | None) -> IntegerFormats:
+    """The CPU's default formats, with the user's choices on top (and said so)."""
+    chosen = default_formats()
+    if activation_type is None and reduce_range is None:
+        return chosen
+    return IntegerFormats(activation_type or chosen.activation, weight_type,
+                          chosen.reduce_range if reduce_range is None else reduce_range,
+                          "chosen on the command line")
+
+
+def _render_calibration(output: Path, report: CalibrationReport) -> None:
+    formats = report.formats
+    out.print(f"[bold]formats[/]: {formats.activation} activations, {formats.weight} weights"
+              f"{' (7-bit)' if formats.reduce_range else ''}: {formats.reason}")
+    fusion = report.fusion
+    out.print(f"[bold]fusion[/]: {fusion.count('folded')} folded, {fusion.count('fused')} fused, "
+              f"{fusion.count('kept')} kept")
+    table = Table(title="Quantized tensors", title_justify="left")
+    for column in ("tensor", "role", "granularity", "range", "scale", "zero point"):
+        table.add_column(column, justify="right" if column in ("scale", "zero point") else "left")
+    for tensor in report.tensors:
+        scale = (f"{tensor.scale_min:.4g}" if tensor.scale_min == tensor.scale_max
+                 else f"{tensor.scale_min:.4g}..{tensor.scale_max:.4g}")
+        table.add_row(tensor.name, tensor.role, tensor.granularity,
+                      f"[{tensor.rmin:.4g}, {tensor.rmax:.4g}]", scale,
+                      "per channel" if tensor.zero_point is None else str(tensor.zero_point))
+    out.print(table)
+    out.print(f"calibrated on {report.samples} samples in {report.batches} batches "
+              f"({report.method}); wrote {output}")
 
 
 def main() -> None:

@@ -41,8 +41,24 @@ def batch_norm_relu_function(opset: int) -> onnx.FunctionProto:
                                 attributes=["epsilon"])
 
 
+def qlinear_batch_norm_relu_function(opset: int) -> onnx.FunctionProto:
+    """Provisional body: DequantizeLinear -> BatchNormalization -> Relu -> QuantizeLinear."""
+    inputs = ["X", "X_scale", "X_zero_point", "scale", "B", "input_mean", "input_var",
+              "Y_scale", "Y_zero_point"]
+    batch_norm = helper.make_node("BatchNormalization", ["x", "scale", "B", "input_mean",
+                                                         "input_var"], ["normalized"])
+    batch_norm.attribute.append(_ref_attribute("epsilon", onnx.AttributeProto.FLOAT))
+    body = [helper.make_node("DequantizeLinear", ["X", "X_scale", "X_zero_point"], ["x"], axis=1),
+            batch_norm,
+            helper.make_node("Relu", ["normalized"], ["y"]),
+            helper.make_node("QuantizeLinear", ["y", "Y_scale", "Y_zero_point"], ["Y"])]
+    return helper.make_function(DOMAIN, "QLinearBatchNormRelu", inputs, ["Y"], body,
+                                [helper.make_opsetid("", opset)], attributes=["epsilon"])
+
+
 FUNCTIONS: dict[str, Callable[[int], onnx.FunctionProto]] = {
     "BatchNormRelu": batch_norm_relu_function,
+    "QLinearBatchNormRelu": qlinear_batch_norm_relu_function,
 }
 
 

@@ -1,0 +1,410 @@
+"""Calibration: run sample data through a float model, observe its activations, and write a
+quantized model that onnxruntime runs with integer kernels.
+
+The quantized model has three kinds of quantized tensors:
+
+* weights of Conv, Gemm and MatMul: int8, symmetric, per output channel
+  (`W = W_q * scale[c]`), held as initializers behind DequantizeLinear; biases int32 with
+  `scale = x_scale * w_scale[c]` and zero point 0. onnxruntime turns DequantizeLinear -> Conv ->
+  QuantizeLinear into QLinearConv (and likewise for Gemm, MatMul, Add, pooling).
+* activations read or written by those ops: per tensor, QuantizeLinear -> DequantizeLinear pairs
+  (QDQ) right after the producer, with ranges from the observers.
+* every fused BatchNormRelu becomes `bnq.QLinearBatchNormRelu`, PyTorch's quantized `BNReLU2d`:
+  integer codes in, integer codes out (per tensor, for its consumers). Its input is quantized
+  per channel, which its table kernel makes free: a Concat of already-quantized branches is
+  concatenated as integer codes with each branch's own scale (no requantization, and the branch
+  ranges stay apart, which is where a per-tensor scale loses most: NOTES.md section 6); any other
+  input that is not quantized already gets a per-channel QuantizeLinear with its own observer.
+
+The observers see one batch at a time (`bnq.observers`): memory does not grow with the number of
+samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper, version_converter
+
+from bnq import ops
+from bnq.data import SampleData
+from bnq.errors import ArgumentError, ModelError
+from bnq.fusion import FuseReport, fuse
+from bnq.graph import (NameScope, check, constant_values, consumers, default_opset, op_counts,
+                       output_names)
+from bnq.machine import IntegerFormats
+from bnq.observers import QuantParams, make_observer, quantize, weight_qparams
+
+QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+# Ops with integer kernels in onnxruntime: their activation inputs and outputs are quantized.
+QUANTIZED_IO = ("Add", "AveragePool", "GlobalAveragePool", "MaxPool", "Relu")
+# Ops that move values without changing them: their output reuses their input's parameters.
+PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One quantized tensor of the report."""
+
+    name: str
+    role: str  # "activation", "bn input", "bn output", "weight"
+    granularity: str  # "per tensor" or "per channel"
+    observer: str
+    rmin: float
+    rmax: float
+    scale_min: float
+    scale_max: float
+    zero_point: int | None  # None when it varies per channel
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    samples: int
+    batches: int
+    method: str
+    formats: IntegerFormats
+    fusion: FuseReport
+    tensors: tuple[QuantizedTensor, ...]
+    ops_after: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """What to quantize in a fused float model."""
+
+    activations: list[str]  # per-tensor QDQ, in graph order
+    aliases: dict[str, str]  # pass-through output -> the input whose parameters it reuses
+    batch_norms: list[onnx.NodeProto]
+    bn_inputs: list[str]  # BN inputs that get their own per-channel observer
+    concat_sources: dict[str, onnx.NodeProto]  # BN input -> the Concat of quantized branches
+    channels: dict[str, int]  # tensor -> its number of channels, where shape inference knows it
+    producers: dict[str, onnx.NodeProto]
+
+
+def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerFormats,
+              method: str = "minmax", method_options: dict | None = None, batch_size: int = 32,
+              num_samples: int | None = None,
+              progress: Callable[[int], None] | None = None) -> tuple[onnx.ModelProto, CalibrationReport]:
+    """Quantize `model` with ranges observed on `data`; `progress(n)` is told of each batch."""
+    if batch_size < 1:
+        raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
+    if num_samples is not None and num_samples < 1:
+        raise ArgumentError(f"the number of samples must be at least 1, got {num_samples}")
+    fused, fusion = fuse(_upgrade(model))
+    plan = _plan(fused)
+    activation = np.dtype(formats.activation)
+    observers = {name: make_observer(method, **(method_options or {}))
+                 for name in plan.activations + [node.output[0] for node in plan.batch_norms]}
+    observers |= {name: make_observer(method, per_channel=True, **(method_options or {}))
+                  for name in plan.bn_inputs}
+    samples, batches = _observe(fused, data, observers, batch_size, num_samples, progress)
+    qparams = {name: observer.qparams(activation) for name, observer in observers.items()}
+    for alias, source in plan.aliases.items():
+        qparams[alias] = qparams[source]
+    quantized, weights = _rewrite(fused, plan, qparams, formats)
+    check(quantized, "the quantized model")
+    tensors = [_describe(name, "activation", method, qparams[name]) for name in plan.activations]
+    tensors += [_describe(name, "bn input", method, qparams[name]) for name in plan.bn_inputs]
+    tensors += [_describe(node.output[0], "bn output", method, qparams[node.output[0]])
+                for node in plan.batch_norms]
+    tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
+    return quantized, CalibrationReport(samples, batches, method, formats, fusion, tuple(tensors),
+                                        op_counts(quantized))
+
+
+def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset 19 or later, where every runtime bnq uses has QuantizeLinear."""
+    if default_opset(model) >= QDQ_OPSET:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, QDQ_OPSET)
+    except Exception as error:  # the converter raises bare RuntimeErrors and more
+        raise ModelError(f"cannot convert the model from opset {default_opset(model)} to "
+                         f"{QDQ_OPSET}: {str(error).strip().splitlines()[0]}") from error
+    return ops.attach_functions(upgraded)
+
+
+def _plan(model: onnx.ModelProto) -> _Plan:
+    graph = model.graph
+    constants = constant_values(model)
+    readers = consumers(graph)
+    producers = {name: node for node in graph.node for name in node.output}
+    outputs = output_names(graph)
+    wanted: list[str] = []
+
+    def want(name: str) -> None:
+        if name and name not in constants and name not in outputs and name not in wanted:
+            wanted.append(name)
+
+    for value in graph.input:
+        if any(r.op_type in WEIGHTED + QUANTIZED_IO for r in readers.get(value.name, [])):
+            want(value.name)
+    batch_norms = []
+    for node in graph.node:
+        if node.domain == ops.DOMAIN and node.op_type == "BatchNormRelu":
+            batch_norms.append(node)
+        elif node.op_type in WEIGHTED and node.input[1] in constants:
+            want(node.input[0])
+            after = readers.get(node.output[0], [])
+            if not (len(after) == 1 and after[0].op_type == "Relu"):
+                want(node.output[0])  # else the Relu's output is quantized: onnxruntime fuses it
+        elif node.op_type in QUANTIZED_IO:
+            if node.op_type != "Relu":  # onnxruntime folds a Relu into the quantizer after it
+                for name in node.input:
+                    want(name)
+            want(node.output[0])
+    bn_outputs = {node.output[0] for node in batch_norms}
+    activations = [name for name in wanted if name not in bn_outputs]
+    aliases = {}
+    for name in list(activations):
+        node = producers.get(name)
+        if node is not None and node.op_type in PASS_THROUGH and node.input[0] in activations:
+            aliases[name] = node.input[0]
+            activations.remove(name)
+    sourced = set(activations) | bn_outputs | set(aliases)
+    shapes = _channel_counts(model)
+    concat_sources, bn_inputs = {}, []
+    for node in batch_norms:
+        x = node.input[0]
+        if x in sourced:
+            continue
+        concat = producers.get(x)
+        if concat is not None and _is_channel_concat(concat, shapes, sourced, producers):
+            concat_sources[x] = concat
+        elif x not in bn_inputs:
+            bn_inputs.append(x)
+    return _Plan(activations, aliases, batch_norms, bn_inputs, concat_sources,
+                 {name: count for name, (_, count) in shapes.items()}, producers)
+
+
+def _channel_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (rank, channels) where shape inference knows both."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    counts = {}
+    graph = inferred.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 2 and dims[1].HasField("dim_value"):
+            counts[value.name] = (len(dims), dims[1].dim_value)
+    return counts
+
+
+def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
+                       producers: dict[str, onnx.NodeProto]) -> bool:
+    """A Concat along the channel axis whose inputs all have integer codes (or are such Concats)."""
+    if node.op_type != "Concat" or node.output[0] not in shapes:
+        return False
+    rank = shapes[node.output[0]][0]
+    axis = helper.get_attribute_value(node.attribute[0])
+    if axis % rank != 1:
+        return False
+    for name in node.input:
+        if name not in shapes:
+            return False
+        if name not in sourced and not (
+                name in producers and _is_channel_concat(producers[name], shapes, sourced, producers)):
+            return False
+    return True
+
+
+def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_size: int,
+             num_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
+    """Run the float model over the data with every observed tensor as an extra output."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in observers)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = list(observers)
+    samples = batches = 0
+    for batch in data.batches(batch_size, num_samples):
+        for name, value in zip(names, session.run(names, batch)):
+            observers[name].update(value)
+        count = len(next(iter(batch.values())))
+        samples, batches = samples + count, batches + 1
+        if progress is not None:
+            progress(count)
+    return samples, batches
+
+
+class _Builder:
+    """Emits the quantized graph node by node; `codes` maps a float tensor to the name of its
+    integer codes and their scale and zero point (0-d per tensor, [C] per channel)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.scope = NameScope(model.graph)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.codes: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+
+    def constant(self, base: str, array: np.ndarray) -> str:
+        name = self.scope.fresh(base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output_base: str, **attrs) -> str:
+        output = self.scope.fresh(output_base)
+        self.nodes.append(helper.make_node(op, inputs, [output],
+                                           name=self.scope.fresh(f"{output_base}_{op}"), **attrs))
+        return output
+
+    def quantize(self, name: str, q: QuantParams) -> str:
+        """QuantizeLinear of float tensor `name` (per channel on axis 1 for [C] parameters)."""
+        params = [self.constant(f"{name}_scale", q.scale),
+                  self.constant(f"{name}_zero_point", q.zero_point)]
+        codes = self.node("QuantizeLinear", [name, *params], f"{name}_quantized",
+                          **({"axis": 1} if q.scale.ndim else {}))
+        self.codes[name] = (codes, q.scale, q.zero_point)
+        return codes
+
+    def dequantize(self, codes: str, scale: np.ndarray, zero_point: np.ndarray, base: str,
+                   axis: int = 1) -> str:
+        params = [self.constant(f"{base}_scale", scale),
+                  self.constant(f"{base}_zero_point", zero_point)]
+        return self.node("DequantizeLinear", [codes, *params], f"{base}_dequantized",
+                         **({"axis": axis} if np.ndim(scale) else {}))
+
+
+def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams],
+             formats: IntegerFormats) -> tuple[onnx.ModelProto, dict[str, QuantParams]]:
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    constants = constant_values(result)
+    build = _Builder(result)
+    rename: dict[str, str] = {}  # float tensor -> its quantize-dequantized copy, for readers
+    weights: dict[str, QuantParams] = {}
+    qdq = set(plan.activations) | set(plan.aliases)
+
+    def emit_qdq(name: str) -> None:
+        q = qparams[name]
+        rename[name] = build.dequantize(build.quantize(name, q), q.scale, q.zero_point, name)
+
+    for value in graph.input:
+        if value.name in qdq:
+            emit_qdq(value.name)
+    for node in graph.node:
+        if node.domain == ops.DOMAIN and node.op_type == "BatchNormRelu":
+            _emit_batch_norm(build, node, plan, qparams)
+            continue
+        source = node.input[0] if node.input else ""
+        node = _copy_renamed(node, rename)
+        if node.op_type in WEIGHTED and node.input[1] in constants:
+            weights |= _quantize_weights(build, node, constants, build.codes.get(source), formats)
+        build.nodes.append(node)
+        for name in node.output:
+            if name in qdq:
+                emit_qdq(name)
+
+    del graph.node[:]
+    graph.node.extend(build.nodes)
+    graph.initializer.extend(build.initializers)
+    used = {name for node in graph.node for name in node.input}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]
+    return ops.attach_functions(result), weights
+
+
+def _copy_renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for index, name in enumerate(copy.input):
+        copy.input[index] = rename.get(name, name)
+    return copy
+
+
+def _emit_batch_norm(build: _Builder, node: onnx.NodeProto, plan: _Plan,
+                     qparams: dict[str, QuantParams]) -> None:
+    """QLinearBatchNormRelu on integer codes of the input, then DequantizeLinear for readers."""
+    x = node.input[0]
+    if x in plan.concat_sources:
+        _emit_concat(build, plan.concat_sources[x], plan)
+    elif x not in build.codes:
+        build.quantize(x, qparams[x])
+    codes, x_scale, x_zero_point = build.codes[x]
+    y, q = node.output[0], qparams[node.output[0]]
+    inputs = [codes, build.constant(f"{x}_scale", x_scale),
+              build.constant(f"{x}_zero_point", x_zero_point), *node.input[1:5],
+              build.constant(f"{y}_scale", q.scale), build.constant(f"{y}_zero_point", q.zero_point)]
+    y_codes = build.scope.fresh(f"{y}_quantized")
+    fused = helper.make_node("QLinearBatchNormRelu", inputs, [y_codes],
+                             name=node.name, domain=ops.DOMAIN)
+    fused.attribute.extend(a for a in node.attribute if a.name == "epsilon")
+    build.nodes.append(fused)
+    build.codes[y] = (y_codes, q.scale, q.zero_point)
+    build.nodes.append(helper.make_node(
+        "DequantizeLinear", [y_codes, build.constant(f"{y}_scale", q.scale),
+                             build.constant(f"{y}_zero_point", q.zero_point)], [y],
+        name=build.scope.fresh(f"{y}_DequantizeLinear")))
+
+
+def _emit_concat(build: _Builder, concat: onnx.NodeProto, plan: _Plan) -> None:
+    """Concatenate the integer codes of `concat`'s inputs, each branch keeping its own scale and
+    zero point, repeated over its channels."""
+    if concat.output[0] in build.codes:
+        return
+    names, scales, zero_points = [], [], []
+    for name in concat.input:
+        if name not in build.codes:
+            _emit_concat(build, plan.producers[name], plan)
+        codes, scale, zero_point = build.codes[name]
+        channels = plan.channels[name]
+        names.append(codes)
+        scales.append(np.broadcast_to(scale, (channels,)))
+        zero_points.append(np.broadcast_to(zero_point, (channels,)))
+    codes = build.node("Concat", names, f"{concat.output[0]}_quantized", axis=1)
+    build.codes[concat.output[0]] = (codes, np.concatenate(scales), np.concatenate(zero_points))
+
+
+def _quantize_weights(build: _Builder, node: onnx.NodeProto, constants: dict[str, np.ndarray],
+                      source: tuple[str, np.ndarray, np.ndarray] | None,
+                      formats: IntegerFormats) -> dict[str, QuantParams]:
+    """Replace the node's weight, and its bias when the input is quantized, by DequantizeLinear
+    of integer initializers: int8 per output channel, int32 bias at x_scale * w_scale."""
+    weight_name = node.input[1]
+    weight = constants[weight_name]
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        axis = 0
+    elif node.op_type == "Gemm":
+        axis = 0 if attributes.get("transB", 0) else 1
+    else:
+        axis = weight.ndim - 1
+    q = weight_qparams(weight, axis=axis, dtype=np.dtype(formats.weight),
+                       reduce_range=formats.reduce_range)
+    codes = build.constant(f"{weight_name}_quantized", quantize(weight, q, axis=axis))
+    node.input[1] = build.dequantize(codes, q.scale, q.zero_point, weight_name, axis=axis)
+    has_bias = len(node.input) > 2 and node.input[2] in constants
+    plain_gemm = node.op_type != "Gemm" or (attributes.get("alpha", 1.0) == 1.0
+                                             and attributes.get("beta", 1.0) == 1.0)
+    if source is not None and has_bias and source[1].ndim == 0 and plain_gemm:
+        bias = constants[node.input[2]]
+        if bias.shape == q.scale.shape:
+            scale = (source[1] * q.scale).astype(np.float32)
+            info = np.iinfo(np.int32)
+            bias_codes = np.clip(np.rint(bias / scale), info.min, info.max).astype(np.int32)
+            name = build.constant(f"{node.input[2]}_quantized", bias_codes)
+            node.input[2] = build.dequantize(name, scale, np.zeros(scale.shape, np.int32),
+                                             node.input[2], axis=0)
+    return {weight_name: q}
+
+
+def _describe(name: str, role: str, observer: str, q: QuantParams) -> QuantizedTensor:
+    per_channel = q.scale.ndim > 0
+    return QuantizedTensor(
+        name=name, role=role, granularity="per channel" if per_channel else "per tensor",
+        observer=observer, rmin=float(np.min(q.rmin)), rmax=float(np.max(q.rmax)),
+        scale_min=float(np.min(q.scale)), scale_max=float(np.max(q.scale)),
+        zero_point=None if per_channel and np.unique(q.zero_point).size > 1
+        else int(q.zero_point.flat[0]))

@@ -1,0 +1,220 @@
+"""Sample data for calibration and evaluation, streamed in batches.
+
+A data source is a `.npz` file keyed by the model's input names (a single-input model also takes a
+single array under any key), a `.npy` file (single-input models), or a directory of such files,
+read in name order and concatenated along the batch axis (axis 0). Arrays are read a batch at a
+time, straight from the file (`.npy` through a memory map, `.npz` members as a stream), so memory
+does not grow with the number of samples; nothing is unpickled.
+
+Everything that can be checked without reading the data (keys, dtypes, shapes against the model's
+inputs, equal sample counts) is checked when the source is opened, before any work.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from bnq.errors import DataError
+from bnq.graph import constant_values
+
+DATA_SUFFIXES = (".npz", ".npy")
+MAX_SAMPLE_BYTES = 1 << 30  # one sample larger than this is a mistake, not a tensor to read
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: its name, dtype and shape (None for a dynamic dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not constants)."""
+    constants = constant_values(model)
+    specs = []
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None
+                      for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(
+            tensor_type.elem_type)), shape))
+    return specs
+
+
+class _Member:
+    """One array in a file, read front to back in row blocks without loading it whole."""
+
+    def __init__(self, path: Path, key: str | None) -> None:
+        self.path, self.key = path, key
+        self.where = f"{path}" + (f"[{key!r}]" if key else "")
+        with self._open() as handle:
+            self.shape, self.dtype, self.offset = self._header(handle)
+
+    def _open(self):
+        if self.key is None:
+            return open(self.path, "rb")
+        archive = zipfile.ZipFile(self.path)
+        return _ClosingMember(archive, archive.open(f"{self.key}.npy"))
+
+    def _header(self, handle):
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran, dtype = read_header(handle)
+        except ValueError as error:
+            raise DataError(f"{self.where}: not a NumPy array ({error})") from error
+        if dtype.hasobject:
+            raise DataError(f"{self.where}: holds Python objects, which bnq never unpickles; "
+                            "save numeric arrays")
+        if fortran and len(shape) > 1:
+            raise DataError(f"{self.where}: Fortran-ordered arrays are not supported; "
+                            "save np.ascontiguousarray(x)")
+        if not shape:
+            raise DataError(f"{self.where}: a 0-d array holds no samples")
+        return tuple(shape), dtype, handle.tell()
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    def blocks(self, sizes: Iterator[int]) -> Iterator[np.ndarray]:
+        """Consecutive row blocks of the given sizes."""
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        with self._open() as handle:
+            handle.seek(self.offset)
+            for size in sizes:
+                data = handle.read(size * row_bytes)
+                if len(data) != size * row_bytes:
+                    raise DataError(f"{self.where}: the file is truncated")
+                yield np.frombuffer(data, self.dtype).reshape((size,) + self.shape[1:])
+
+
+class _ClosingMember:
+    def __init__(self, archive: zipfile.ZipFile, member) -> None:
+        self.archive, self.member = archive, member
+
+    def __enter__(self):
+        return self.member
+
+    def __exit__(self, *exc) -> None:
+        self.member.close()
+        self.archive.close()
+
+
+class SampleData:
+    """Samples for a model's inputs, opened and checked; `batches()` streams them."""
+
+    def __init__(self, path: str | Path, inputs: list[InputSpec], *,
+                 extra_keys: tuple[str, ...] = ()) -> None:
+        self.path = Path(path)
+        self.inputs = inputs
+        files = self._files()
+        self.parts: list[dict[str, _Member]] = [self._open_file(f, extra_keys) for f in files]
+        self.num_samples = sum(next(iter(part.values())).rows for part in self.parts)
+        if self.num_samples == 0:
+            raise DataError(f"{self.path}: holds no samples")
+
+    def has(self, key: str) -> bool:
+        return all(key in part for part in self.parts)
+
+    def _files(self) -> list[Path]:
+        if self.path.is_dir():
+            files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+            if not files:
+                raise DataError(f"{self.path}: the directory holds no .npz or .npy files")
+            return files
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such data file or directory")
+        if self.path.suffix.lower() not in DATA_SUFFIXES:
+            raise DataError(f"{self.path}: unknown data format; use .npz, .npy or a directory "
+                            "of them")
+        return [self.path]
+
+    def _open_file(self, path: Path, extra_keys: tuple[str, ...]) -> dict[str, _Member]:
+        names = [spec.name for spec in self.inputs]
+        if path.suffix.lower() == ".npy":
+            if len(names) != 1:
+                raise DataError(f"{path}: a .npy file feeds a single-input model; this model has "
+                                f"inputs {', '.join(names)}: use a .npz keyed by them")
+            members = {names[0]: _Member(path, None)}
+        else:
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+            except (zipfile.BadZipFile, OSError) as error:
+                raise DataError(f"{path}: not a .npz file ({error})") from error
+            members = {}
+            for spec in self.inputs:
+                if spec.name in keys:
+                    members[spec.name] = _Member(path, spec.name)
+                elif len(names) == 1 and len(set(keys) - set(extra_keys)) == 1:
+                    members[spec.name] = _Member(path, (set(keys) - set(extra_keys)).pop())
+                else:
+                    raise DataError(f"{path}: no array for model input {spec.name!r} "
+                                    f"(keys: {', '.join(keys) or 'none'})")
+            members.update({key: _Member(path, key) for key in extra_keys if key in keys})
+        for spec in self.inputs:
+            self._check(members[spec.name], spec)
+        rows = {member.rows for member in members.values()}
+        if len(rows) != 1:
+            raise DataError(f"{path}: arrays hold different numbers of samples "
+                            f"({', '.join(f'{k}: {m.rows}' for k, m in members.items())})")
+        return members
+
+    @staticmethod
+    def _check(member: _Member, spec: InputSpec) -> None:
+        if member.dtype != spec.dtype and not (member.dtype.kind == spec.dtype.kind == "f"):
+            raise DataError(f"{member.where}: dtype {member.dtype}, but model input "
+                            f"{spec.name!r} takes {spec.dtype}")
+        expected = spec.shape[1:]
+        actual = member.shape[1:]
+        if len(actual) != len(expected) or any(
+                e is not None and e != a for e, a in zip(expected, actual)):
+            shown = ["?" if e is None else e for e in spec.shape]
+            raise DataError(f"{member.where}: samples of shape {list(actual)}, but model input "
+                            f"{spec.name!r} takes {shown} (batch first)")
+        if int(np.prod(actual, dtype=np.int64)) * member.dtype.itemsize > MAX_SAMPLE_BYTES:
+            raise DataError(f"{member.where}: one sample is larger than 1 GiB; refusing")
+
+    def batches(self, batch_size: int, num_samples: int | None = None,
+                keys: tuple[str, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
+        """Dicts of arrays, `batch_size` samples each (the last may be short), model inputs cast
+        to their dtype and checked for NaN and infinity, plus the `keys` asked for."""
+        remaining = self.num_samples if num_samples is None else min(num_samples, self.num_samples)
+        dtypes = {spec.name: spec.dtype for spec in self.inputs}
+        seen = 0
+        for part in self.parts:
+            rows = next(iter(part.values())).rows
+            take = min(rows, remaining - seen)
+            if take <= 0:
+                break
+            sizes = [batch_size] * (take // batch_size)
+            sizes += [take % batch_size] if take % batch_size else []
+            wanted = [*dtypes, *keys]
+            streams = {key: part[key].blocks(iter(sizes)) for key in wanted}
+            for _ in sizes:
+                batch = {key: next(stream) for key, stream in streams.items()}
+                for name, dtype in dtypes.items():
+                    array = batch[name].astype(dtype, copy=False)
+                    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                        raise DataError(f"{part[name].where}: NaN or infinite values in samples "
+                                        f"{seen}..{seen + len(array) - 1}")
+                    batch[name] = array
+                seen += len(batch[next(iter(dtypes))])
+                yield batch
+            for stream in streams.values():
+                stream.close()

@@ -1,0 +1,71 @@
+"""What bnq runs on: CPU model and features, cores, library versions; and the integer formats
+that suit this CPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
+
+FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp")
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str
+    features: tuple[str, ...]
+    cores: int
+    versions: dict[str, str]
+
+
+@cache
+def describe() -> Machine:
+    """This machine: the CPU, the features that decide integer kernels, cores, versions."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and cpu in ("", platform.machine(), "x86_64"):
+                    cpu = value.strip()
+                elif key in ("flags", "Features"):
+                    flags |= set(value.split())
+    except OSError:
+        pass
+    versions = {}
+    for package in ("bnq", "numpy", "onnx", "onnxruntime", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return Machine(cpu or "unknown", tuple(f for f in FEATURES if f in flags),
+                   os.cpu_count() or 1, versions)
+
+
+@dataclass(frozen=True)
+class IntegerFormats:
+    """The integer types of a quantized model, and why they were chosen."""
+
+    activation: str  # "uint8" or "int8"
+    weight: str  # "int8"
+    reduce_range: bool  # 7-bit weights
+    reason: str
+
+
+def default_formats(machine: Machine | None = None) -> IntegerFormats:
+    """uint8 activations x int8 weights (onnxruntime's fast u8s8 kernels), with 7-bit weights on
+    x86 CPUs that have AVX2 but no VNNI: there `vpmaddubsw` adds two u8 x s8 products into int16
+    and saturates (NOTES.md measured a 4-point top-1 loss), which 7-bit weights rule out."""
+    machine = machine or describe()
+    vnni = {"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine.features)
+    if vnni:
+        return IntegerFormats("uint8", "int8", False,
+                              f"{sorted(vnni)[0]}: u8 x s8 dot products accumulate in int32")
+    if "avx2" in machine.features:
+        return IntegerFormats("uint8", "int8", True,
+                              "AVX2 without VNNI: u8 x s8 pairs saturate int16, so weights use "
+                              "7 bits")
+    return IntegerFormats("uint8", "int8", False, "no x86 u8 x s8 saturation on this CPU")

@@ -1,0 +1,104 @@
+"""Calibration end to end: the quantized model's structure, the checker, onnxruntime accuracy
+against the float model, streaming, and the integer Concat feeding a fused node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from bnq import load_model
+from bnq.calibrate import calibrate
+from bnq.data import SampleData, model_inputs
+from bnq.graph import op_counts
+from bnq.machine import IntegerFormats
+from graphs import random_feeds, run_ort
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "samples" / "digits_cnn.onnx"
+FORMATS = IntegerFormats("uint8", "int8", True, "tests")
+
+
+def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference ** 2) / np.sum((reference - actual) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def sample():
+    model = load_model(SAMPLE)
+    data = SampleData(ROOT / "samples" / "calib.npz", model_inputs(model))
+    quantized, report = calibrate(model, data, formats=FORMATS)
+    return model, quantized, report
+
+
+def test_sample_quantizes_every_fused_node_and_weight(sample):
+    model, quantized, report = sample
+    onnx.checker.check_model(quantized, full_check=True)
+    counts = op_counts(quantized)
+    assert counts["QLinearBatchNormRelu"] == report.fusion.count("fused") == 6
+    assert "BatchNormRelu" not in counts and "BatchNormalization" not in counts
+    initializers = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    for node in quantized.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            weight = producers[node.input[1]]
+            assert weight.op_type == "DequantizeLinear"
+            codes = initializers[weight.input[0]]
+            assert codes.dtype == np.int8 and -64 <= codes.min() and codes.max() <= 63  # 7 bits
+    assert report.samples == 256 and report.batches == 8
+
+
+def test_sample_accuracy_and_sqnr_against_float(sample):
+    model, quantized, _ = sample
+    with np.load(ROOT / "samples" / "eval.npz", allow_pickle=False) as data:
+        x, labels = data["input"], data["labels"]
+    reference = run_ort(model, {"input": x})[0]
+    actual = run_ort(quantized, {"input": x})[0]
+    float_top1 = np.mean(reference.argmax(1) == labels)
+    assert np.mean(actual.argmax(1) == labels) >= float_top1 - 0.003
+    assert sqnr_db(reference, actual) > 28
+
+
+def test_fused_node_after_concat_reads_integer_branches_with_their_own_scales(sample):
+    _, quantized, _ = sample
+    initializers = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    checked = 0
+    for node in quantized.graph.node:
+        if node.op_type != "QLinearBatchNormRelu" or producers[node.input[0]].op_type != "Concat":
+            continue
+        concat = producers[node.input[0]]
+        for branch in concat.input:  # codes straight from a QuantizeLinear or a fused node
+            source = producers[branch]
+            assert source.op_type in ("QuantizeLinear", "QLinearBatchNormRelu", "Concat")
+        scale = initializers[node.input[1]]
+        assert scale.ndim == 1 and len(np.unique(scale)) > 1
+        assert scale.size == initializers[node.input[3]].size  # one per channel of the BN
+        checked += 1
+    assert checked == 3  # the dense block's two Concats and the transition's
+
+
+def test_streaming_batch_size_does_not_change_minmax_results(sample):
+    model, quantized, _ = sample
+    data = SampleData(ROOT / "samples" / "calib.npz", model_inputs(model))
+    again, report = calibrate(model, data, formats=FORMATS, batch_size=7)
+    assert report.batches == 37  # 36 full batches and a short one of 4
+    assert again.SerializeToString() == quantized.SerializeToString()
+
+
+@pytest.mark.parametrize("name", ["densenet_block", "preact_residual", "bn1d", "bn3d",
+                                  "conv_bn_relu_stem", "dynamo_densenet"])
+def test_torch_exported_models_quantize_and_stay_close(tmp_path, name):
+    model = load_model(ROOT / "tests" / "models" / f"{name}.onnx")
+    rng = np.random.default_rng(0)
+    [spec] = model_inputs(model)
+    shape = [d or 16 for d in spec.shape]
+    np.save(tmp_path / "calib.npy", rng.standard_normal(shape).astype(np.float32))
+    quantized, _ = calibrate(model, SampleData(tmp_path / "calib.npy", [spec]),
+                             formats=FORMATS, batch_size=5)
+    onnx.checker.check_model(quantized, full_check=True)
+    feeds = random_feeds(model, np.random.default_rng(1), dynamic=8)
+    assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 15
