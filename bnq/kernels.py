@@ -1,0 +1,387 @@
+"""Quantized BatchNorm + ReLU, bit-exact with PyTorch's `quantized::batch_norm{1,2,3}d_relu`.
+
+The math (PyTorch's `compute_fused_params` in qbatch_norm.cpp and `q_batch_norm_kernel` in
+QuantizedOpKernels.cpp, checked against torch 2.13 on this machine element by element). Per
+channel c, from float32 parameters, with `f32(.)` a rounding to float32 and `.` in double
+where PyTorch uses double:
+
+    inv_sigma[c] = f32(1.0 / sqrtf(var[c] + f32(eps)))                 # float sqrt, double 1/x
+    alpha[c]     = f32(double(f32(inv_sigma[c] * weight[c])) * (x_scale / y_scale))
+    beta[c]      = f32(double(bias[c] - f32(f32(mean[c] * inv_sigma[c]) * weight[c])) / y_scale)
+
+and per element, `d = x_q - x_zero_point` (an exact small integer):
+
+    v   = fma(alpha[c], d, beta[c])           # float32 fused multiply-add: ONE rounding
+    y_q = clip(max(rint(v) + y_zero_point, y_zero_point), qmin, qmax)      # rint: half to even
+
+PyTorch's AVX2 path computes `v` with `_mm256_fmadd_ps` and its scalar tail for leftover channels
+(`lrintf(alpha * d + beta)`) is contracted to an FMA by the compiler too. Rounding the product to
+float32 first (no FMA), dividing by `y_scale` in float32, or computing the ratio
+`x_scale / y_scale` in float32 each disagree with torch on a few percent of near-tie elements;
+the formula above gave 0 mismatches on 13 million tie-hunting elements (quint8 and qint8, 1d/2d/3d,
+C = 1..70 so that both the vector and the scalar channel paths run). A per-channel `x_scale` and
+`x_zero_point` (after a Concat) use the same formula with that channel's values.
+
+Why a table is exact: for 8-bit input, `y_q` depends only on the channel and the input code, so a
+C x 256 table built once with the formula reproduces the op bit for bit. The table is computed in
+float64 with an exact float32 FMA: `alpha * d` is exact in float64 (24 x 9 bits), the sum with
+`beta` is exact up to an error `e` that TwoSum recovers, and rounding the float64 sum to float32
+can only go wrong (double rounding) when that sum lands exactly halfway between two float32
+values while `e != 0`; then the sign of `e` decides.
+
+The fast apply path replaces the gather, channel by channel, by integer arithmetic on cache-sized
+blocks where it is provably equal to the table: each channel's table is a monotone staircase, so
+with the input code first clamped to the range where the output changes,
+`y = (u * M + B) >> s` (or `(B - u * M) >> s` for a negative slope) reproduces it for integer
+constants `M, B, s` found by an exact search over all 256 codes (uint16 arithmetic when the
+constants fit, else int32), and every chosen channel is re-checked against its table over all 256
+codes before use. Channels with a constant output are filled; any channel without exact constants
+keeps the table gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnq.errors import ArgumentError
+
+_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+_RANK_NAMES = {3: "1d", 4: "2d", 5: "3d"}
+_BLOCK = 1 << 17            # elements per block: fewer Python calls; int32 buffer 512 KB (L2)
+_SMALL = 1 << 12            # below this many elements per channel, one flat gather is faster
+
+# per-channel strategies of a plan
+_TABLE, _CONST, _U16, _I32 = 0, 1, 2, 3
+
+
+def _dtype(value, name: str) -> np.dtype:
+    dtype = np.dtype(value)
+    if dtype not in _RANGES:
+        raise ArgumentError(f"{name}: expected uint8 or int8, got {dtype}")
+    return dtype
+
+
+def _finite_vector(value, name: str, channels: int | None) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != 1:
+        raise ArgumentError(f"{name}: expected a 1-D array of per-channel values, got shape "
+                            f"{array.shape}")
+    if channels is not None and array.shape[0] != channels:
+        raise ArgumentError(f"{name}: has {array.shape[0]} values but the input has {channels} "
+                            "channels")
+    if not np.isfinite(array).all():
+        raise ArgumentError(f"{name}: contains NaN or infinite values")
+    return array
+
+
+def _scale(value, name: str, channels: int, per_channel: bool) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 1 and per_channel:
+        array = _finite_vector(array, name, channels)
+    elif array.ndim != 0:
+        raise ArgumentError(f"{name}: expected a scalar{' or one value per channel' if per_channel else ''}, "
+                            f"got shape {array.shape}")
+    if not (np.isfinite(array).all() and (array > 0).all()):
+        raise ArgumentError(f"{name}: scales must be finite and > 0, got {array.tolist()}")
+    return np.broadcast_to(array, (channels,))
+
+
+def _zero_point(value, name: str, channels: int, dtype: np.dtype, per_channel: bool) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim > (1 if per_channel else 0):
+        raise ArgumentError(f"{name}: expected a scalar{' or one value per channel' if per_channel else ''}, "
+                            f"got shape {array.shape}")
+    if array.ndim == 1 and array.shape[0] != channels:
+        raise ArgumentError(f"{name}: has {array.shape[0]} values but the input has {channels} "
+                            "channels")
+    if array.dtype.kind == "f":
+        if not (np.isfinite(array).all() and (array == np.round(array)).all()):
+            raise ArgumentError(f"{name}: zero points must be integers, got {array.tolist()}")
+    elif array.dtype.kind not in "iu":
+        raise ArgumentError(f"{name}: zero points must be integers, got dtype {array.dtype}")
+    lo, hi = _RANGES[dtype]
+    if ((array < lo) | (array > hi)).any():
+        raise ArgumentError(f"{name}: zero points must lie in [{lo}, {hi}] for {dtype}, got "
+                            f"{array.tolist()}")
+    return np.broadcast_to(array.astype(np.int64), (channels,))
+
+
+def fused_params(weight, bias, running_mean, running_var, eps, x_scale, y_scale):
+    """PyTorch's per-channel `(alpha, beta)` in float32 (see the module docstring).
+
+    `x_scale` may be a scalar or one value per channel; all inputs are assumed validated."""
+    f32, f64 = np.float32, np.float64
+    weight, bias, mean, var = (np.asarray(a, dtype=f32) for a in (weight, bias, running_mean,
+                                                                    running_var))
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv_sigma = (1.0 / np.sqrt(var + f32(eps)).astype(f64)).astype(f32)
+        alpha = ((inv_sigma * weight).astype(f64)
+                 * (np.asarray(x_scale, f64) / f64(y_scale))).astype(f32)
+        beta = ((bias - mean * inv_sigma * weight).astype(f64) / f64(y_scale)).astype(f32)
+    return alpha, beta
+
+
+def fma_float32(a: np.ndarray, d: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`fma(a, d, b)` rounded once to float32, for float32 `a`, `b` and integer `|d| < 2**29`."""
+    f32, f64 = np.float32, np.float64
+    p = np.asarray(a, f32).astype(f64) * d                      # exact
+    b = np.broadcast_to(np.asarray(b, f32).astype(f64), p.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = p + b
+        t = s - p
+        e = (p - (s - t)) + (b - t)                           # TwoSum: s + e == p + b exactly
+        f = s.astype(f32)
+        g = f.astype(f64)
+        r = s - g                                             # exact: g is s's float32 neighbour
+        h = g + 2 * r                                         # the other neighbour if s is halfway
+        halfway = (r != 0) & (h.astype(f32).astype(f64) == h)
+        up = halfway & (np.sign(e) == np.sign(r)) & (e != 0)
+    return np.where(up, h.astype(f32), f)
+
+
+def _codes(dtype: np.dtype) -> np.ndarray:
+    """The code of every byte pattern 0..255 of `dtype`."""
+    return np.arange(256, dtype=np.uint8).view(dtype).astype(np.int64)
+
+
+def build_table(alpha, beta, x_zero_point, y_zero_point, in_dtype, out_dtype) -> np.ndarray:
+    """C x 256 output codes (`out_dtype`) indexed by channel and input byte pattern."""
+    lo, hi = _RANGES[np.dtype(out_dtype)]
+    d = _codes(np.dtype(in_dtype))[None, :] - np.asarray(x_zero_point, np.int64)[:, None]
+    v = fma_float32(np.asarray(alpha)[:, None], d, np.asarray(beta)[:, None]).astype(np.float64)
+    rounded = np.rint(np.clip(v, -2.0**40, 2.0**40)).astype(np.int64)
+    y = np.clip(np.maximum(rounded + y_zero_point, y_zero_point), lo, hi)
+    return y.astype(out_dtype)
+
+
+@dataclass(frozen=True)
+class _Arith:
+    """Per channel constants of `clip((clip(u, lo, hi) * M + B) >> s, zlo, zhi)` (`B - u * M` for
+    a negative slope); `clip_out` False when the output clip is not needed."""
+    lo: np.ndarray
+    hi: np.ndarray
+    m: np.ndarray
+    b: np.ndarray
+    s: np.ndarray
+    negative: np.ndarray
+    zlo: np.ndarray
+    zhi: np.ndarray
+    clip_out: np.ndarray
+
+
+def _search_constants(z: np.ndarray, slope: np.ndarray, limit: int, shifts
+                      ) -> tuple[np.ndarray, _Arith]:
+    """For monotone rows `z` (C x 256, values >= 0, in input-code order) whose real slope per code
+    is close to `|slope|`, exact integer constants (see `_Arith`) with every intermediate value in
+    [0, limit), or `found[c] = False`. Products may wrap around in the narrow type: only the final
+    value must fit. Tries exact plateau ends first, then an output clip."""
+    channels = z.shape[0]
+    u = np.arange(256, dtype=np.int64)
+    negative = z[:, 0] > z[:, -1]
+    zz = np.where(negative[:, None], z[:, ::-1], z)                # nondecreasing in u' = u or 255-u
+    lo = (zz == zz[:, :1]).sum(axis=1) - 1                          # last u' of the bottom plateau
+    hi = 256 - (zz == zz[:, -1:]).sum(axis=1)                       # first u' of the top plateau
+    inside = (u[None, :] >= lo[:, None]) & (u[None, :] <= hi[:, None])
+    at_lo, at_hi = u[None, :] == lo[:, None], u[None, :] == hi[:, None]
+    slope = np.abs(np.asarray(slope, np.float64))
+    found = np.zeros(channels, bool)
+    clip_out = np.zeros(channels, bool)
+    best = {k: np.zeros(channels, np.int64) for k in "mbs"}
+    big = np.int64(1) << 62
+    for clipped in (False, True):
+        for s in shifts:
+            rows = np.flatnonzero(~found)
+            if rows.size == 0:
+                break
+            one = np.int64(1) << s
+            zr, inr = zz[rows], inside[rows]
+            # with the output clip, the plateau ends only need to reach past zlo / zhi
+            lower = np.where(clipped & at_lo[rows], 0, zr * one)
+            upper = np.where(clipped & at_hi[rows], limit - 1, (zr + 1) * one - 1)
+            for delta in (0, 1, -1, 2, -2, 3, -3):
+                m = np.floor(slope[rows] * one).astype(np.int64) + delta
+                um = u[None, :] * m[:, None]
+                b_lo = np.where(inr, lower - um, -big).max(axis=1)
+                b_hi = np.where(inr, upper - um, big).min(axis=1)
+                ok = ~found[rows] & (m >= 0) & (b_lo <= b_hi) & (hi[rows] * m + b_lo < limit)
+                hit = rows[ok]
+                best["m"][hit], best["b"][hit], best["s"][hit] = m[ok], b_lo[ok], s
+                found[hit] = True
+                clip_out[hit] = clipped
+    # (B - u * M) for a negative slope: u' = 255 - u, B' = B + 255 M
+    b_signed = np.where(negative, best["b"] + 255 * best["m"], best["b"])
+    lo_u = np.where(negative, 255 - hi, lo)
+    hi_u = np.where(negative, 255 - lo, hi)
+    return found, _Arith(lo_u, hi_u, best["m"], b_signed, best["s"], negative, zz[:, 0],
+                         zz[:, -1], clip_out)
+
+
+class BnReluPlan:
+    """Everything derived from one parameter set: the exact table and a per-channel strategy.
+
+    Build once per model (parameters are constants), then call on arrays of shape (N, C, ...)."""
+
+    def __init__(self, x_scale, x_zero_point, weight, bias, running_mean, running_var, eps,
+                 y_scale, y_zero_point, *, in_dtype=np.uint8, out_dtype=None):
+        self.in_dtype = _dtype(in_dtype, "x")
+        self.out_dtype = _dtype(self.in_dtype if out_dtype is None else out_dtype, "out_dtype")
+        weight = _finite_vector(weight, "weight", None)
+        channels = weight.shape[0]
+        bias = _finite_vector(bias, "bias", channels)
+        mean = _finite_vector(running_mean, "running_mean", channels)
+        var = _finite_vector(running_var, "running_var", channels)
+        if (var < 0).any():
+            raise ArgumentError(f"running_var: variances must be >= 0, got {var[var < 0][:4].tolist()}")
+        if not (np.isfinite(eps) and eps >= 0):
+            raise ArgumentError(f"eps: expected a finite value >= 0, got {eps}")
+        x_scale = _scale(x_scale, "x_scale", channels, per_channel=True)
+        y_scale = float(_scale(y_scale, "y_scale", channels, per_channel=False)[0])
+        x_zero_point = _zero_point(x_zero_point, "x_zero_point", channels, self.in_dtype, True)
+        y_zero_point = int(_zero_point(y_zero_point, "y_zero_point", channels, self.out_dtype,
+                                       False)[0])
+        alpha, beta = fused_params(weight, bias, mean, var, eps, x_scale, y_scale)
+        if not np.isfinite(alpha).all():
+            bad = int(np.flatnonzero(~np.isfinite(alpha))[0])
+            raise ArgumentError(f"running_var, eps: channel {bad} has a non-finite multiplier "
+                                "(running_var + eps is 0, or weight * x_scale / y_scale overflows "
+                                "float32)")
+        if not np.isfinite(beta).all():
+            bad = int(np.flatnonzero(~np.isfinite(beta))[0])
+            raise ArgumentError(f"bias, y_scale: channel {bad} has a non-finite offset "
+                                "((bias - mean * weight / sigma) / y_scale overflows float32)")
+        self.channels = channels
+        self.alpha, self.beta = alpha, beta
+        self.table = build_table(alpha, beta, x_zero_point, y_zero_point, self.in_dtype,
+                                 self.out_dtype)
+        self._byte_table = self.table.view(np.uint8)
+        self._flat_table = np.ascontiguousarray(self._byte_table).ravel()
+        self._plan_channels()
+
+    def _plan_channels(self) -> None:
+        channels = self.channels
+        out_lo = _RANGES[self.out_dtype][0]
+        offset = 256 + out_lo % 256                    # output byte = (y - out_lo + offset) % 256
+        # rows in input-code order (u = code - in_lo), values z = y - out_lo + offset
+        order = np.argsort(_codes(self.in_dtype), kind="stable")
+        z = self.table.astype(np.int64)[:, order] - out_lo + offset
+        monotone = (np.diff(z, axis=1) >= 0).all(axis=1) | (np.diff(z, axis=1) <= 0).all(axis=1)
+        constant = (z == z[:, :1]).all(axis=1)
+        kind = np.full(channels, _TABLE)
+        kind[constant] = _CONST
+        found16, arith16 = _search_constants(z, self.alpha, 1 << 16, range(15, -1, -1))
+        found32, arith32 = _search_constants(z, self.alpha, 1 << 31, range(30, 7, -1))
+        use16 = monotone & ~constant & found16
+        use32 = monotone & ~constant & ~use16 & found32
+        kind[use16] = _U16
+        kind[use32] = _I32
+        pick = lambda a, b: np.where(use16, a, b)
+        self._kind = kind
+        self._arith = _Arith(*(pick(getattr(arith16, f), getattr(arith32, f))
+                               for f in _Arith.__dataclass_fields__))
+        self._const = self._byte_table[:, 0].copy()
+        self._offset = offset
+        # re-check every arithmetic channel on all 256 codes; any disagreement keeps the table
+        probe = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, channels, 256)).copy()
+        got = np.empty_like(probe)
+        self._apply_blocked(probe, got)
+        wrong = (got[0] != self._byte_table).any(axis=1)
+        self._kind = np.where(wrong, _TABLE, self._kind)
+
+    @property
+    def strategies(self) -> dict[str, int]:
+        """How many channels use each apply path."""
+        names = {_TABLE: "table", _CONST: "constant", _U16: "uint16", _I32: "int32"}
+        return {name: int((self._kind == k).sum()) for k, name in names.items()}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim not in _RANK_NAMES:
+            raise ArgumentError(f"x: expected 3D, 4D or 5D input (got {x.ndim}D input)")
+        if x.dtype != self.in_dtype:
+            raise ArgumentError(f"x: expected {self.in_dtype} input (the plan's in_dtype), got "
+                                f"{x.dtype}")
+        if x.shape[1] != self.channels:
+            raise ArgumentError(f"x: has {x.shape[1]} channels (axis 1) but the parameters have "
+                                f"{self.channels}")
+        out = np.empty(x.shape, self.out_dtype)
+        if x.size == 0:
+            return out
+        n, c = x.shape[:2]
+        xb = np.ascontiguousarray(x).view(np.uint8).reshape(n, c, -1)
+        ob = out.view(np.uint8).reshape(n, c, -1)
+        if n * xb.shape[2] < _SMALL:
+            offsets = (np.arange(c, dtype=np.intp) * 256)[:, None]
+            np.take(self._flat_table, xb + offsets, out=ob)
+        else:
+            self._apply_blocked(xb, ob)
+        return out
+
+    def _apply_blocked(self, xb: np.ndarray, ob: np.ndarray) -> None:
+        """Channel by channel, in blocks of at most `_BLOCK` elements (byte views in and out)."""
+        n, _, length = xb.shape
+        cols = min(length, _BLOCK)
+        rows = max(1, min(n, _BLOCK // cols))
+        buf8 = np.empty(rows * cols, np.uint8)
+        buf16 = np.empty(rows * cols, np.uint16)
+        buf32 = np.empty(rows * cols, np.int32)
+        flip = self.in_dtype == np.int8                # byte ^ 0x80 = code - qmin, monotone
+        a = self._arith
+        for ch in range(self.channels):
+            kind = self._kind[ch]
+            if kind == _CONST:
+                ob[:, ch] = self._const[ch]
+                continue
+            table = self._byte_table[ch]
+            if kind != _TABLE:
+                lo, hi, neg = np.uint8(a.lo[ch]), np.uint8(a.hi[ch]), a.negative[ch]
+                shift = int(a.s[ch])
+                wide, work = (np.uint16, buf16) if kind == _U16 else (np.int32, buf32)
+                m, b, zlo, zhi = np.array([a.m[ch], a.b[ch], a.zlo[ch], a.zhi[ch]],
+                                          np.int64).astype(wide)     # wraps, on purpose
+                clip_out = a.clip_out[ch]
+            for r0 in range(0, n, rows):
+                for c0 in range(0, length, cols):
+                    src = xb[r0:r0 + rows, ch, c0:c0 + cols]
+                    dst = ob[r0:r0 + rows, ch, c0:c0 + cols]
+                    shape = src.shape
+                    if kind == _TABLE:
+                        np.take(table, src, out=dst)
+                        continue
+                    u8 = buf8[:src.size].reshape(shape)
+                    w = work[:src.size].reshape(shape)
+                    if flip:
+                        np.bitwise_xor(src, np.uint8(0x80), out=u8)
+                        np.clip(u8, lo, hi, out=u8)
+                    else:
+                        np.clip(src, lo, hi, out=u8)
+                    np.multiply(u8, m, out=w, dtype=wide)
+                    if neg:
+                        np.subtract(b, w, out=w)
+                    else:
+                        np.add(w, b, out=w)
+                    np.right_shift(w, wide(shift), out=w)
+                    if clip_out:
+                        np.clip(w, zlo, zhi, out=w)
+                    np.copyto(dst, w, casting="unsafe")
+
+
+def quantized_batch_norm_relu(x, x_scale, x_zero_point, weight, bias, running_mean, running_var,
+                              eps, y_scale, y_zero_point, *, out_dtype=None) -> np.ndarray:
+    """Quantized `Relu(BatchNormalization(x))` of an 8-bit tensor (N, C, ...), rank 3, 4 or 5,
+    bit-exact with `torch.ops.quantized.batch_norm{1,2,3}d_relu`.
+
+    `x_scale` and `x_zero_point` are scalars (per tensor, as PyTorch) or one value per channel;
+    the output has the input's dtype unless `out_dtype` (uint8 or int8) is given."""
+    x = np.asarray(x)
+    if x.ndim not in _RANK_NAMES:
+        raise ArgumentError(f"x: expected 3D, 4D or 5D input (got {x.ndim}D input)")
+    in_dtype = _dtype(x.dtype, "x")
+    channels = x.shape[1]
+    for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        _finite_vector(value, name, channels)
+    plan = BnReluPlan(x_scale, x_zero_point, weight, bias, running_mean, running_var, eps,
+                      y_scale, y_zero_point, in_dtype=in_dtype, out_dtype=out_dtype)
+    return plan(x)
