@@ -1,0 +1,167 @@
+"""The quantized fused op `bnq.QLinearBatchNormRelu` as an ONNX function of standard ops, and its
+NumPy kernel for `onnx.reference.ReferenceEvaluator`.
+
+    Y = QLinearBatchNormRelu(X, X_scale, X_zero_point, scale, B, input_mean, input_var,
+                             Y_scale, Y_zero_point; epsilon=1e-5)
+
+X is uint8 or int8 (N, C, ...), rank-agnostic like BatchNormalization, channel axis 1; X_scale
+and X_zero_point are scalars or one value per channel; Y has Y_zero_point's type. The result is
+PyTorch's `quantized::batch_norm{1,2,3}d_relu`, bit for bit (the formula is in `bnq.kernels`).
+
+Why the body builds a table instead of evaluating the formula per element: PyTorch rounds
+`alpha * d + beta` ONCE to float32 (an FMA), and ONNX has no FMA. Evaluating it in double and
+casting to float rounds twice, which differs from PyTorch whenever the double sum lands exactly
+halfway between two float32 values (constructible: a tiny beta next to a product that is such a
+midpoint). So the body computes, for each channel and each of the 256 input codes, the exact
+float32 FMA (TwoSum error term + a halfway correction, as `bnq.kernels.fma_float32`), quantizes
+that C x 256 table with `QuantizeLinear(Relu(v), 1, Y_zero_point)` (= clip(max(rint(v) + zp, zp)))
+and applies it with one Gather; onnxruntime constant-folds the table when the parameters are
+initializers. Codes are indexed by their byte pattern (`Cast(X, int32) & 255`), so one body serves
+uint8 and int8; `CastLike(0..255, X)` relies on the two's-complement wrap of integer Cast, which
+onnxruntime and the reference evaluator both do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference.op_run import OpRun
+
+from bnq.errors import ArgumentError
+from bnq.kernels import BnReluPlan
+from bnq.ops import DOMAIN
+
+OP_TYPE = "QLinearBatchNormRelu"
+INPUTS = ["X", "X_scale", "X_zero_point", "scale", "B", "input_mean", "input_var", "Y_scale",
+          "Y_zero_point"]
+MIN_OPSET = 19        # onnx's ReferenceEvaluator implements QuantizeLinear from opset 19 on
+
+
+def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+
+
+def qlinear_bn_relu_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The body of `bnq.QLinearBatchNormRelu`, importing the default domain at `opset` (>= 19)."""
+    if opset < MIN_OPSET:
+        raise ArgumentError(f"opset: the QLinearBatchNormRelu body needs opset >= {MIN_OPSET}, "
+                            f"got {opset}")
+    D, F = TensorProto.DOUBLE, TensorProto.FLOAT
+    n = helper.make_node
+    eps = n("Constant", [], ["eps"])
+    eps.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="epsilon",
+                                             type=onnx.AttributeProto.FLOAT))
+    nodes = [
+        eps,
+        _constant("one_d", np.array(1.0, np.float64)),
+        _constant("one_f", np.array(1.0, np.float32)),
+        _constant("zero_d", np.array(0.0, np.float64)),
+        _constant("column", np.array([-1, 1], np.int64)),
+        _constant("flat", np.array([-1], np.int64)),
+        _constant("by_channel", np.array([0, 0, -1], np.int64)),
+        _constant("bytes", np.arange(256, dtype=np.int32)),
+        _constant("byte_mask", np.array(255, np.int32)),
+        _constant("row_start", np.array(0, np.int32)),
+        _constant("row_step", np.array(256, np.int32)),
+        # PyTorch's compute_fused_params: float sqrt, double reciprocal, double scale ratio
+        n("Add", ["input_var", "eps"], ["var_eps"]),
+        n("Sqrt", ["var_eps"], ["sigma"]),
+        n("Cast", ["sigma"], ["sigma_d"], to=D),
+        n("Div", ["one_d", "sigma_d"], ["inv_sigma_d"]),
+        n("Cast", ["inv_sigma_d"], ["inv_sigma"], to=F),
+        n("Mul", ["inv_sigma", "scale"], ["gain"]),
+        n("Cast", ["gain"], ["gain_d"], to=D),
+        n("Cast", ["X_scale"], ["x_scale_d"], to=D),
+        n("Cast", ["Y_scale"], ["y_scale_d"], to=D),
+        n("Div", ["x_scale_d", "y_scale_d"], ["ratio"]),
+        n("Mul", ["gain_d", "ratio"], ["alpha_d"]),
+        n("Cast", ["alpha_d"], ["alpha"], to=F),
+        n("Mul", ["input_mean", "inv_sigma"], ["mean_inv"]),
+        n("Mul", ["mean_inv", "scale"], ["mean_gain"]),
+        n("Sub", ["B", "mean_gain"], ["shift"]),
+        n("Cast", ["shift"], ["shift_d"], to=D),
+        n("Div", ["shift_d", "y_scale_d"], ["beta_d"]),
+        n("Cast", ["beta_d"], ["beta"], to=F),
+        # d = code - zero point for every (channel, byte pattern): C x 256 (or 1 x 256)
+        n("CastLike", ["bytes", "X"], ["codes"]),
+        n("Cast", ["codes"], ["codes_d"], to=D),
+        n("Reshape", ["X_zero_point", "column"], ["x_zp_col"]),
+        n("Cast", ["x_zp_col"], ["x_zp_d"], to=D),
+        n("Sub", ["codes_d", "x_zp_d"], ["d"]),
+        n("Reshape", ["alpha", "column"], ["alpha_col"]),
+        n("Cast", ["alpha_col"], ["a"], to=D),
+        n("Reshape", ["beta", "column"], ["beta_col"]),
+        n("Cast", ["beta_col"], ["b_col"], to=D),
+        n("Mul", ["a", "d"], ["p"]),                         # exact: 24 x 9 bits
+        # TwoSum: s + e == p + b exactly
+        n("Add", ["p", "b_col"], ["s"]),
+        n("Sub", ["s", "p"], ["t"]),
+        n("Sub", ["s", "t"], ["s_minus_t"]),
+        n("Sub", ["p", "s_minus_t"], ["e_p"]),
+        n("Sub", ["b_col", "t"], ["e_b"]),
+        n("Add", ["e_p", "e_b"], ["e"]),
+        # round s to float32; if s is halfway between two floats and e != 0, e decides
+        n("Cast", ["s"], ["f"], to=F),
+        n("Cast", ["f"], ["g"], to=D),
+        n("Sub", ["s", "g"], ["r"]),
+        n("Add", ["r", "r"], ["r2"]),
+        n("Add", ["g", "r2"], ["h"]),
+        n("Cast", ["h"], ["h_f"], to=F),
+        n("Cast", ["h_f"], ["h_back"], to=D),
+        n("Equal", ["h_back", "h"], ["h_is_float"]),
+        n("Equal", ["r", "zero_d"], ["r_zero"]),
+        n("Not", ["r_zero"], ["r_nonzero"]),
+        n("And", ["r_nonzero", "h_is_float"], ["halfway"]),
+        n("Sign", ["e"], ["e_sign"]),
+        n("Sign", ["r"], ["r_sign"]),
+        n("Equal", ["e_sign", "r_sign"], ["same_side"]),
+        n("Equal", ["e", "zero_d"], ["e_zero"]),
+        n("Not", ["e_zero"], ["e_nonzero"]),
+        n("And", ["same_side", "e_nonzero"], ["toward_h"]),
+        n("And", ["halfway", "toward_h"], ["up"]),
+        n("Where", ["up", "h_f", "f"], ["v"]),
+        n("Relu", ["v"], ["v_relu"]),
+        n("QuantizeLinear", ["v_relu", "one_f", "Y_zero_point"], ["table"]),
+        # apply: Y[n, c, l] = table[c, byte(X[n, c, l])]
+        n("Reshape", ["table", "flat"], ["table_flat"]),
+        n("Shape", ["scale"], ["channels_1d"]),
+        n("Squeeze", ["channels_1d"], ["channels"]),
+        n("Cast", ["channels"], ["channels_i32"], to=TensorProto.INT32),
+        n("Mul", ["channels_i32", "row_step"], ["table_size"]),
+        n("Range", ["row_start", "table_size", "row_step"], ["row_offsets"]),
+        n("Reshape", ["row_offsets", "column"], ["row_offsets_col"]),
+        n("Reshape", ["X", "by_channel"], ["x_ncl"]),
+        n("Cast", ["x_ncl"], ["x_i32"], to=TensorProto.INT32),
+        n("BitwiseAnd", ["x_i32", "byte_mask"], ["x_byte"]),
+        n("Add", ["x_byte", "row_offsets_col"], ["index"]),
+        n("Gather", ["table_flat", "index"], ["y_ncl"], axis=0),
+        n("Shape", ["X"], ["x_shape"]),
+        n("Reshape", ["y_ncl", "x_shape"], ["Y"]),
+    ]
+    return helper.make_function(DOMAIN, OP_TYPE, INPUTS, ["Y"], nodes,
+                                [helper.make_opsetid("", opset)], attributes=["epsilon"])
+
+
+class QLinearBatchNormRelu(OpRun):
+    """`bnq.QLinearBatchNormRelu` for `ReferenceEvaluator(model, new_ops=[...])`: the NumPy kernel,
+    with the plan cached per parameter values."""
+
+    op_domain = DOMAIN
+
+    def _run(self, X, X_scale, X_zero_point, scale, B, input_mean, input_var, Y_scale,
+             Y_zero_point, epsilon=None):
+        eps = 1e-5 if epsilon is None else float(np.float32(epsilon))
+        key = (X.dtype.str, Y_zero_point.dtype.str, eps) + tuple(
+            (a.dtype.str, a.shape, a.tobytes()) for a in (X_scale, X_zero_point, scale, B,
+                                                           input_mean, input_var, Y_scale,
+                                                           Y_zero_point))
+        cache = self.__dict__.setdefault("_plans", {})
+        plan = cache.get(key)
+        if plan is None:
+            plan = BnReluPlan(X_scale, X_zero_point, scale, B, input_mean, input_var, eps,
+                              np.asarray(Y_scale).reshape(()), np.asarray(Y_zero_point).reshape(()),
+                              in_dtype=X.dtype, out_dtype=Y_zero_point.dtype)
+            cache.clear()
+            cache[key] = plan
+        return (plan(X),)
