@@ -35,7 +35,7 @@ from bnq.data import SampleData
 from bnq.errors import ArgumentError, ModelError
 from bnq.fusion import FuseReport, fuse
 from bnq.graph import (NameScope, check, constant_values, consumers, default_opset, op_counts,
-                       output_names)
+                       output_names, with_outputs)
 from bnq.machine import IntegerFormats
 from bnq.observers import QuantParams, make_observer, quantize, weight_qparams
 
@@ -215,11 +215,7 @@ def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
 def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_size: int,
              num_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Run the float model over the data with every observed tensor as an extra output."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                              for name in observers)
+    probe = with_outputs(model, list(observers))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(probe.SerializeToString(), options,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bnq.calibrate import CalibrationReport, calibrate
 from bnq.data import SampleData, model_inputs
 from bnq.errors import BnqError
+from bnq.evaluate import BACKEND_CHOICES, EvaluationReport, evaluate
 from bnq.fusion import FuseReport, fuse
 from bnq.io import check_output_path, load_model, save_model
 from bnq.machine import IntegerFormats, default_formats
@@ -75,8 +77,33 @@ def _force_option(function):
     return click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")(function)
 
 
+def _data_options(function):
+    """--data, --batch-size and --num-samples, shared by the commands that read samples."""
+    for option in reversed([
+        click.option("-d", "--data", type=click.Path(path_type=Path), required=True,
+                     help="Samples: .npz keyed by input name, .npy, or a directory of them."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Samples per batch run through the model."),
+        click.option("--num-samples", type=click.IntRange(min=1), default=None,
+                     help="Use at most this many samples (default: all)."),
+    ]):
+        function = option(function)
+    return function
+
+
 def _print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=_json_default))
+    """Strict JSON on stdout: a non-finite number (an SQNR of identical outputs) becomes null."""
+    click.echo(json.dumps(_finite(value), indent=2, default=_json_default, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -146,18 +173,13 @@ def _progress(description: str, total: int) -> Progress:
 
 @cli.command("calibrate")
 @click.argument("model", type=MODEL)
-@click.option("-d", "--data", type=click.Path(path_type=Path), required=True,
-              help="Calibration samples: .npz keyed by input name, .npy, or a directory of them.")
+@_data_options
 @click.option("-o", "--output", type=MODEL, required=True,
               help="Where to write the quantized model (.onnx or .npz).")
 @click.option("--method", type=click.Choice(list(OBSERVERS)), default="minmax", show_default=True,
               help="How activation ranges are chosen from the observed values.")
 @click.option("--percentile", type=float, default=99.99, show_default=True,
               help="With --method percentile: the percentile of the values kept in range.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Samples per batch run through the model.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=None,
-              help="Use at most this many samples (default: all).")
 @click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default=None,
               help="Integer type of activations (default: chosen for this CPU, see the report).")
 @click.option("--weight-type", type=click.Choice(["int8"]), default="int8", show_default=True,
@@ -224,6 +246,77 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
     out.print(table)
     out.print(f"calibrated on {report.samples} samples in {report.batches} batches "
               f"({report.method}); wrote {output}")
+
+
+@cli.command("evaluate")
+@click.argument("quantized", type=MODEL)
+@click.option("-r", "--reference", type=MODEL, required=True,
+              help="The float model QUANTIZED was made from.")
+@_data_options
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="onnxruntime",
+              show_default=True,
+              help="Which runtime runs QUANTIZED; 'both' also compares the fused nodes' two "
+                   "kernel paths code for code.")
+@click.option("--labels", default="labels", show_default=True,
+              help="Key of the labels array in DATA, for top-1 accuracy.")
+@_json_option
+def evaluate_command(quantized: Path, reference: Path, data: Path, batch_size: int,
+                     num_samples: int | None, backend: str, labels: str, as_json: bool) -> None:
+    """Compare QUANTIZED with its float REFERENCE on DATA: top-1 accuracy and agreement, SQNR,
+    cosine similarity and errors of each output, and the SQNR of every fused BN-ReLU node's
+    output, worst first, so you see where quantization error enters."""
+    float_model = load_model(reference)
+    samples = SampleData(data, model_inputs(float_model), extra_keys=(labels,))
+    total = min(num_samples or samples.num_samples, samples.num_samples)
+    with _progress("evaluating", total) as progress:
+        report = evaluate(load_model(quantized), float_model, samples, backend=backend,
+                          batch_size=batch_size, num_samples=num_samples, labels=labels,
+                          progress=lambda n: progress.advance(progress.task_ids[0], n))
+    if as_json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        _render_evaluation(report)
+
+
+def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
+    filled = 0 if not np.isfinite(value) or value <= 0 else min(width, round(value / top * width))
+    if np.isinf(value) and value > 0:
+        filled = width
+    return "█" * filled + "·" * (width - filled)
+
+
+def _render_evaluation(report: EvaluationReport) -> None:
+    summary = Table(title=f"{report.samples} samples, backend {report.backend}",
+                    title_justify="left", show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    if report.top1_accuracy is not None:
+        ref, got = report.top1_accuracy["reference"], report.top1_accuracy["quantized"]
+        summary.add_row("top-1 accuracy, float", f"{100 * ref:.2f}%")
+        summary.add_row("top-1 accuracy, quantized", f"{100 * got:.2f}%")
+        summary.add_row("accuracy drop", f"{100 * (ref - got):+.2f} points")
+    summary.add_row("top-1 agreement", f"{100 * report.top1_agreement:.2f}%")
+    for output in report.outputs:
+        summary.add_row(f"{output.name}: SQNR", f"{output.sqnr_db:.2f} dB")
+        summary.add_row(f"{output.name}: cosine", f"{output.cosine:.6f}")
+        summary.add_row(f"{output.name}: max / mean abs error",
+                        f"{output.max_abs_error:.4g} / {output.mean_abs_error:.4g}")
+    if report.backend_max_lsb_diff is not None:
+        summary.add_row("numpy vs onnxruntime, fused nodes", f"{report.backend_max_lsb_diff} LSB")
+    out.print(summary)
+    if report.per_node:
+        nodes = Table(title="Fused BN-ReLU nodes, worst first", title_justify="left")
+        nodes.add_column("node")
+        nodes.add_column("SQNR (dB)", justify="right")
+        nodes.add_column("")
+        if report.backend_max_lsb_diff is not None:
+            nodes.add_column("LSB diff", justify="right")
+        for node in report.per_node:
+            row = [node.node, f"{node.sqnr_db:.2f}", _bar(node.sqnr_db)]
+            if node.backend_max_lsb_diff is not None:
+                row.append(str(node.backend_max_lsb_diff))
+            nodes.add_row(*row)
+        out.print(nodes)
 
 
 def main() -> None:

@@ -125,6 +125,24 @@ class NameScope:
         return name
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the intermediate tensors `names` (typed by shape
+    inference, float where it cannot tell), after the model's own outputs."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = output_names(probe.graph)
+    wanted = [name for name in dict.fromkeys(names) if name not in present]
+    if not wanted:
+        return probe
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {value.name: value.type.tensor_type.elem_type
+             for value in [*inferred.value_info, *inferred.input]}
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None)
+        for name in wanted)
+    return probe
+
+
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> number of nodes in the main graph, sorted by name."""
     counts: dict[str, int] = defaultdict(int)

@@ -1,0 +1,105 @@
+"""bnq evaluate: every figure against an independent computation, and a broken node found."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from bnq import load_model, save_model
+from bnq.calibrate import calibrate
+from bnq.cli import cli
+from bnq.data import SampleData, model_inputs
+from bnq.evaluate import evaluate
+from bnq.machine import IntegerFormats
+from graphs import run_ort
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "samples" / "digits_cnn.onnx"
+EVAL = ROOT / "samples" / "eval.npz"
+
+
+@pytest.fixture(scope="module")
+def models():
+    reference = load_model(SAMPLE)
+    data = SampleData(ROOT / "samples" / "calib.npz", model_inputs(reference))
+    quantized, _ = calibrate(reference, data, formats=IntegerFormats("uint8", "int8", True, ""))
+    return reference, quantized
+
+
+def eval_data(model):
+    return SampleData(EVAL, model_inputs(model), extra_keys=("labels",))
+
+
+def test_figures_match_an_independent_computation(models):
+    reference, quantized = models
+    report = evaluate(quantized, reference, eval_data(reference), batch_size=64)
+    with np.load(EVAL, allow_pickle=False) as data:
+        x, labels = data["input"], data["labels"]
+    expected = run_ort(reference, {"input": x})[0].astype(np.float64)
+    actual = run_ort(quantized, {"input": x})[0].astype(np.float64)
+    error = expected - actual
+    assert report.samples == len(x)
+    assert report.sqnr_db == pytest.approx(10 * np.log10((expected ** 2).sum() / (error ** 2).sum()))
+    assert report.cosine == pytest.approx(
+        (expected * actual).sum() / np.linalg.norm(expected) / np.linalg.norm(actual))
+    assert report.max_abs_error == pytest.approx(np.abs(error).max())
+    assert report.outputs[0].mean_abs_error == pytest.approx(np.abs(error).mean())
+    assert report.top1_agreement == pytest.approx(np.mean(expected.argmax(1) == actual.argmax(1)))
+    assert report.top1_accuracy == pytest.approx(
+        {"reference": np.mean(expected.argmax(1) == labels),
+         "quantized": np.mean(actual.argmax(1) == labels)})
+    sqnrs = [node.sqnr_db for node in report.per_node]
+    assert len(sqnrs) == 6 and sqnrs == sorted(sqnrs)
+
+
+def test_a_broken_node_is_reported_worst(models):
+    reference, quantized = models
+    before = {n.node: n.sqnr_db for n in evaluate(quantized, reference, eval_data(reference)).per_node}
+    broken = onnx.ModelProto()
+    broken.CopyFrom(quantized)
+    victim = next(n for n in broken.graph.node if n.op_type == "QLinearBatchNormRelu"
+                  and n.name == max(before, key=before.get))  # break the best node
+    for tensor in broken.graph.initializer:
+        if tensor.name == victim.input[1]:  # its input scale, 1.5 times too large
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 1.5,
+                                                    tensor.name))
+    report = evaluate(broken, reference, eval_data(reference))
+    assert report.per_node[0].node == victim.name
+    assert report.per_node[0].sqnr_db < before[victim.name] - 10
+
+
+def test_both_backends_agree_code_for_code_on_every_fused_node(models):
+    reference, quantized = models
+    report = evaluate(quantized, reference, eval_data(reference), backend="both", num_samples=128)
+    assert report.samples == 128
+    assert report.backend_max_lsb_diff == 0
+    assert all(node.backend_max_lsb_diff == 0 for node in report.per_node)
+
+
+def test_cli_json_has_the_documented_keys(models, tmp_path):
+    reference, quantized = models
+    save_model(quantized, tmp_path / "q.onnx")
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "q.onnx"), "-r", str(SAMPLE),
+                                      "-d", str(EVAL), "--backend", "both", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"samples", "top1_accuracy", "top1_agreement", "sqnr_db", "cosine", "max_abs_error",
+            "per_node", "backend_max_lsb_diff"} <= set(report)
+    assert set(report["top1_accuracy"]) == {"reference", "quantized"}
+    assert all({"node", "sqnr_db"} <= set(node) for node in report["per_node"])
+    assert report["backend_max_lsb_diff"] == 0
+
+
+def test_without_labels_accuracy_is_null(models, tmp_path):
+    reference, quantized = models
+    with np.load(EVAL, allow_pickle=False) as data:
+        np.save(tmp_path / "x.npy", data["input"][:40])
+    report = evaluate(quantized, reference, SampleData(tmp_path / "x.npy", model_inputs(reference),
+                                                       extra_keys=("labels",)))
+    assert report.top1_accuracy is None and report.samples == 40
