@@ -26,7 +26,8 @@ output) gets rmin = 0, zero_point = qmin: the full range of codes from zero up. 
     x = (q - zero_point) * scale
 
 State is bounded: running min/max and, for the histogram methods, one fixed-size histogram
-(``bins`` counts) per row. Bin edges are multiples of a power of two ``w = 2**e`` anchored at 0::
+(``bins`` counts) per row, plus the count of exact zeros for ``entropy``. Bin edges are
+multiples of a power of two ``w = 2**e`` anchored at 0::
 
     one-sided  (min >= 0, ReLU outputs):  [0, 2**s)        bins * w      = 2**s
     two-sided  (min <  0):                [-2**s, 2**s)    bins * w / 2  = 2**s
@@ -44,14 +45,25 @@ folded around 0, |x| in bins [k w, (k+1) w)), then clip the range to [max(-t, mi
 * ``percentile`` p: rmax = the p-th percentile, rmin = the (100 - p)-th (0 for a one-sided
   tensor); ``p = 100`` is exactly min/max. Samples are taken as evenly spread inside their bin,
   so the result lies within one bin width of ``np.percentile`` where the data is dense.
-* ``entropy``: TensorRT's KL-divergence search (also onnxruntime's ``CalibrationMethod.Entropy``).
-  For each candidate of ``i`` bins: P = hist[:i] with the clipped outliers added to P[i-1];
-  Q = hist[:i] (without outliers) merged into ``L`` levels of ``i // L`` bins (the last level
-  takes the remainder), each level spread evenly over the bins where P is non-zero; minimise
-  KL(P || Q). ``L`` = number of codes (qmax - qmin + 1) for one-sided, half of that per side
-  for two-sided tensors. Unlike TensorRT and onnxruntime it does not add 1e-4 to empty bins: a
-  zero of Q where P has mass (all of the last level's mass clipped away) makes KL infinite.
-  That lets the search run on prefix sums, O(bins) per row, so per-channel is cheap.
+* ``entropy``: TensorRT's KL-divergence search, as NVIDIA's pytorch-quantization computes it
+  (``_compute_amax_entropy``; onnxruntime's ``CalibrationMethod.Entropy`` is MXNet's variant).
+  Let ``h`` be the magnitude histogram without the values exactly 0 (counted per row and taken
+  out of bin 0). For each candidate of ``i`` bins, from ``L`` to the last non-empty bin:
+  P = h[:i] with the clipped outliers sum(h[i:]) added to P[i-1]; Q = h[:i] (without outliers)
+  merged into ``L`` levels, level g = bins [ceil(g i / L), ceil((g + 1) i / L)), each level's
+  count spread evenly over its bins where P is non-zero; minimise KL(P || Q), P and Q each
+  normalised to sum 1. ``L`` = number of codes (qmax - qmin + 1) for one-sided, half of that per
+  side for two-sided tensors (for 8 bits pytorch-quantization's 256 unsigned, 128 signed).
+  Zeros are left out because 0 is a code of every range (the zero point): they are quantized
+  exactly whatever the threshold, so they say nothing about it. Kept in bin 0, Q would spread
+  them evenly over level 0's ceil(i / L) bins at a cost of about (zeros / total) log ceil(i / L):
+  for a ReLU output, often half zeros, that step outweighs any clipping, and the search would
+  stop at i = 2L bins (t = 2.0 for a max of 6.3, with 2048 bins) whatever the data.
+  pytorch-quantization sidesteps the same spike by overwriting bin 0 with bin 1; the count is
+  exact, one integer per row, and merges by addition. As in pytorch-quantization (unlike
+  onnxruntime and MXNet, which add 1e-4 to empty bins) there is no smoothing: a zero of Q where
+  P has mass (all of the last level's mass clipped away) makes KL infinite. That lets the search
+  run on prefix sums, O(L) per candidate and row, so per-channel is cheap.
 * ``mse``: minimises the expected squared error over candidates ``t = i w``: each value inside
   the range costs the uniform quantization noise ``step**2 / 12`` with
   ``step = (rmax(t) - rmin(t)) / (qmax - qmin)``, each clipped value of bin j costs
@@ -407,7 +419,6 @@ class _ThresholdObserver(HistogramObserver):
 
     def _range(self, levels, symmetric):
         e, offset = self._grid(self.min_val, self.max_val)
-        half = self.bins // 2
         lo = np.minimum(self.min_val, 0).astype(np.float64)
         hi = np.maximum(self.max_val, 0).astype(np.float64)
         steps = 2 * (levels // 2 - 1) if symmetric else levels - 1  # codes across the range
@@ -415,12 +426,10 @@ class _ThresholdObserver(HistogramObserver):
         for rows in (np.flatnonzero(offset == 0), np.flatnonzero(offset != 0)):
             if rows.size == 0:
                 continue
-            hist = self.histogram[rows]
-            if offset[rows[0]]:  # fold: |x| in [k w, (k + 1) w) for x in [-(k + 1) w, -k w)
-                hist = hist[:, half:] + hist[:, half - 1::-1]
-            one_sided = not (offset[rows[0]] or symmetric)
+            two_sided = bool(offset[rows[0]])
             w = np.ldexp(1.0, e[rows])
-            i = self._search(hist.astype(np.float64), levels if one_sided else levels // 2,
+            i = self._search(self._magnitudes(rows, two_sided),
+                             levels // 2 if two_sided or symmetric else levels,
                              lo[rows] / w, hi[rows] / w, steps, symmetric)
             threshold[rows] = i * w
         return (np.maximum(-threshold, self.min_val).astype(np.float32),
@@ -430,9 +439,37 @@ class _ThresholdObserver(HistogramObserver):
         """Per row, the number of bins i of the best threshold t = i w (all in units of w)."""
         raise NotImplementedError
 
+    def _magnitudes(self, rows: np.ndarray, two_sided: bool) -> np.ndarray:
+        """float64 histograms of |x| of ``rows``, bin k = [k w, (k + 1) w), for ``_search``."""
+        hist = self.histogram[rows]
+        if two_sided:  # fold: |x| in [k w, (k + 1) w) for x in [-(k + 1) w, -k w)
+            half = self.bins // 2
+            hist = hist[:, half:] + hist[:, half - 1::-1]
+        return hist.astype(np.float64)
+
 
 class EntropyObserver(_ThresholdObserver):
-    """Threshold minimising KL(P || Q), TensorRT's search (module docstring)."""
+    """Threshold minimising KL(P || Q), TensorRT's search (module docstring).
+
+    ``zeros`` counts the values exactly 0 per row, which the search leaves out of P and Q.
+    """
+
+    def _start(self, rows):
+        super()._start(rows)
+        self.zeros = np.zeros(rows, dtype=np.int64)
+
+    def _observe(self, x3, new_lo, new_hi):
+        super()._observe(x3, new_lo, new_hi)
+        self.zeros += np.count_nonzero(x3 == 0, axis=(0, 2))
+
+    def _absorb(self, other, new_lo, new_hi):
+        super()._absorb(other, new_lo, new_hi)
+        self.zeros = self.zeros + other.zeros
+
+    def _magnitudes(self, rows, two_sided):
+        hist = super()._magnitudes(rows, two_sided)
+        hist[:, 0] -= self.zeros[rows]  # 0 (and -0) falls in bin 0 of either layout
+        return hist
 
     def _search(self, hist, levels, lo, hi, steps, symmetric):
         rows, n = hist.shape
@@ -443,7 +480,8 @@ class EntropyObserver(_ThresholdObserver):
         xlogx = np.hstack([zero, np.cumsum(_xlogy(hist, hist), axis=1)])
         total = cum[:, n:]
         # as TensorRT, thresholds run up to the largest value (the last non-empty bin)
-        end = np.maximum(n - np.argmax(hist[:, ::-1] > 0, axis=1), levels)
+        empty = total[:, 0] == 0
+        end = np.maximum(np.where(empty, 0, n - np.argmax(hist[:, ::-1] > 0, axis=1)), levels)
         candidates = np.arange(levels, end.max() + 1)
         kl = np.empty((rows, candidates.size))
         g = np.arange(levels + 1)
@@ -465,6 +503,7 @@ class EntropyObserver(_ThresholdObserver):
             # Q is 0 where P holds the clipped mass: not representable
             kl[:, k:k + chunk][(groups[:, :, -1] == 0) & (outliers > 0)] = np.inf
         kl[candidates[None, :] > end[:, None]] = np.inf
+        kl[empty] = 0  # nothing but zeros: every threshold represents them exactly
         return candidates[np.argmin(kl, axis=1)]
 
 
