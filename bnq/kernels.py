@@ -22,6 +22,11 @@ the formula above gave 0 mismatches on 13 million tie-hunting elements (quint8 a
 C = 1..70 so that both the vector and the scalar channel paths run). A per-channel `x_scale` and
 `x_zero_point` (after a Concat) use the same formula with that channel's values.
 
+One deliberate difference: where `|v| >= 2**31 - 128` (an output 2 billion steps past the range,
+only reachable with absurd scales or a near-zero variance), PyTorch's int32 conversion overflows
+and it returns the zero point or 255 depending on the channel's position and the zero point;
+bnq saturates (255 for large positive `v`, the zero point for large negative `v`).
+
 Why a table is exact: for 8-bit input, `y_q` depends only on the channel and the input code, so a
 C x 256 table built once with the formula reproduces the op bit for bit. The table is computed in
 float64 with an exact float32 FMA: `alpha * d` is exact in float64 (24 x 9 bits), the sum with
@@ -201,7 +206,7 @@ def _search_constants(z: np.ndarray, slope: np.ndarray, limit: int, shifts
             lower = np.where(clipped & at_lo[rows], 0, zr * one)
             upper = np.where(clipped & at_hi[rows], limit - 1, (zr + 1) * one - 1)
             for delta in (0, 1, -1, 2, -2, 3, -3):
-                m = np.floor(slope[rows] * one).astype(np.int64) + delta
+                m = np.floor(np.minimum(slope[rows] * one, 2.0**40)).astype(np.int64) + delta
                 um = u[None, :] * m[:, None]
                 b_lo = np.where(inr, lower - um, -big).max(axis=1)
                 b_hi = np.where(inr, upper - um, big).min(axis=1)

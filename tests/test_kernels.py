@@ -1,0 +1,235 @@
+"""bnq.kernels against a slow exact reference (Python fractions) and against PyTorch."""
+
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnq.errors import ArgumentError
+from bnq.kernels import BnReluPlan, fma_float32, quantized_batch_norm_relu
+
+RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}
+
+
+def _f32(value) -> float:
+    return float(np.float32(value))
+
+
+def reference(x, x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale, y_zero_point,
+              out_dtype=None):
+    """Per element, with exact rationals for the FMA: slow, but structurally unlike the kernel."""
+    out_dtype = np.dtype(out_dtype or x.dtype)
+    lo, hi = RANGES[out_dtype.type]
+    channels = x.shape[1]
+    x_scale = np.broadcast_to(np.asarray(x_scale, np.float64), (channels,))
+    x_zero_point = np.broadcast_to(np.asarray(x_zero_point), (channels,))
+    y = np.empty(x.shape, out_dtype)
+    table = {}
+    for c in range(channels):
+        inv_sigma = _f32(1.0 / float(np.sqrt(np.float32(var[c]) + np.float32(eps))))
+        gain = _f32(np.float32(inv_sigma) * np.float32(weight[c]))
+        alpha = _f32(gain * (float(x_scale[c]) / float(y_scale)))
+        shift = _f32(np.float32(bias[c]) - np.float32(np.float32(mean[c]) * np.float32(inv_sigma))
+                     * np.float32(weight[c]))
+        beta = _f32(shift / float(y_scale))
+        for code in range(RANGES[x.dtype.type][0], RANGES[x.dtype.type][1] + 1):
+            exact = Fraction(alpha) * (code - int(x_zero_point[c])) + Fraction(beta)
+            v = _round_float32(exact)
+            q = int(np.rint(np.clip(v, -2.0**40, 2.0**40))) + int(y_zero_point)
+            table[c, code] = min(max(q, int(y_zero_point), lo), hi)
+    for index in np.ndindex(x.shape):
+        y[index] = table[index[1], int(x[index])]
+    return y
+
+
+def _round_float32(exact: Fraction) -> float:
+    """Round a rational to float32, ties to even (inf beyond the range)."""
+    candidate = np.float32(float(exact))        # float() rounds correctly to double first
+    if not np.isfinite(candidate):
+        return float(candidate)
+    below = np.nextafter(candidate, np.float32(-np.inf))
+    above = np.nextafter(candidate, np.float32(np.inf))
+    best = min((candidate, below, above),
+               key=lambda f: (abs(Fraction(float(f)) - exact) if np.isfinite(f) else Fraction(10**60),
+                              int(np.array(f, np.float32).view(np.int32)) & 1))
+    return float(best)
+
+
+def torch_reference(x, x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale,
+                    y_zero_point):
+    torch = pytest.importorskip("torch")
+    op = {3: torch.ops.quantized.batch_norm1d_relu, 4: torch.ops.quantized.batch_norm2d_relu,
+          5: torch.ops.quantized.batch_norm3d_relu}[x.ndim]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qx = torch._make_per_tensor_quantized_tensor(torch.from_numpy(np.ascontiguousarray(x)),
+                                                     float(x_scale), int(x_zero_point))
+        t = [torch.from_numpy(np.asarray(a, np.float32)) for a in (weight, bias, mean, var)]
+        y = op(qx, *t, float(eps), float(y_scale), int(y_zero_point))
+    return y.int_repr().contiguous().numpy().view(x.dtype)
+
+
+@st.composite
+def cases(draw, per_channel=False):
+    dtype = draw(st.sampled_from([np.uint8, np.int8]))
+    lo, hi = RANGES[dtype]
+    rank = draw(st.integers(3, 5))
+    channels = draw(st.integers(1, 40))
+    shape = (draw(st.integers(0, 3)), channels) + tuple(
+        draw(st.lists(st.integers(1, 4), min_size=rank - 2, max_size=rank - 2)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.integers(lo, hi + 1, shape).astype(dtype)
+    scale = st.floats(1e-6, 1e3).map(_f32) | st.sampled_from([1e-9, 1.0, 7e3])
+    zero_point = st.integers(lo, hi) | st.sampled_from([lo, hi])
+    gamma = rng.normal(0.5, 1.5, channels)
+    gamma[rng.random(channels) < 0.2] *= -1
+    var = rng.uniform(0, 2, channels) ** 3
+    var[rng.random(channels) < 0.2] = 0.0
+    x_scale = (np.array([draw(scale) for _ in range(channels)]) if per_channel else draw(scale))
+    x_zero_point = (np.array([draw(zero_point) for _ in range(channels)]) if per_channel
+                    else draw(zero_point))
+    return dict(x=x, x_scale=x_scale, x_zero_point=x_zero_point, weight=gamma,
+                bias=rng.normal(0, 2, channels), running_mean=rng.normal(0, 2, channels),
+                running_var=var, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+                y_scale=draw(scale), y_zero_point=draw(zero_point))
+
+
+def _run(case, **kw):
+    return quantized_batch_norm_relu(**case, **kw)
+
+
+def _reference(case):
+    return reference(case["x"], case["x_scale"], case["x_zero_point"], case["weight"],
+                     case["bias"], case["running_mean"], case["running_var"], case["eps"],
+                     case["y_scale"], case["y_zero_point"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases())
+def test_matches_reference_and_torch(case):
+    y = _run(case)
+    assert y.dtype == case["x"].dtype and y.shape == case["x"].shape
+    np.testing.assert_array_equal(y, _reference(case))
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    if case["x"].size and not _overflows_int32(case):
+        np.testing.assert_array_equal(y, torch_reference(*(case[k] for k in (
+            "x", "x_scale", "x_zero_point", "weight", "bias", "running_mean", "running_var",
+            "eps", "y_scale", "y_zero_point"))))
+
+
+def _overflows_int32(case) -> bool:
+    """PyTorch's kernel overflows int32 (vector path) or long (scalar path) once
+    |alpha * d + beta| nears 2**31, and then returns the zero point instead of saturating
+    (depending on the channel's position and the zero point); bnq saturates."""
+    plan = BnReluPlan(case["x_scale"], case["x_zero_point"], case["weight"], case["bias"],
+                      case["running_mean"], case["running_var"], case["eps"], case["y_scale"],
+                      case["y_zero_point"], in_dtype=case["x"].dtype)
+    bound = np.abs(plan.alpha.astype(np.float64)) * 256 + np.abs(plan.beta)
+    return bool((bound >= 2.0**31 - 512).any())
+
+
+@settings(max_examples=12, deadline=None)
+@given(cases(per_channel=True))
+def test_per_channel_input_quantization_matches_reference(case):
+    np.testing.assert_array_equal(_run(case), _reference(case))
+
+
+def _tie_case(signed: bool, bias_sign: float):
+    """alpha * 3 lands exactly halfway between two float32 values next to 2.5 and beta is tiny:
+    one FMA rounding gives 3 (beta > 0) or 2 (beta < 0); a double sum cast to float gives 2."""
+    dtype = np.int8 if signed else np.uint8
+    x = np.full((2, 2, 5), 3, dtype)
+    x[:, :, 0] = 0
+    weight = np.array([6990507 * 2.0**-23, 0.25])
+    bias = np.array([bias_sign * 1e-30, 0.5])
+    return dict(x=x, x_scale=1.0, x_zero_point=0, weight=weight, bias=bias,
+                running_mean=np.zeros(2), running_var=np.ones(2), eps=0.0, y_scale=1.0,
+                y_zero_point=0)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bias_sign, expected", [(1.0, 3), (-1.0, 2)])
+def test_single_rounding_fma_on_a_constructed_tie(signed, bias_sign, expected):
+    case = _tie_case(signed, bias_sign)
+    y = _run(case)
+    assert int(y[0, 0, 1]) == expected
+    np.testing.assert_array_equal(y, _reference(case))
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    np.testing.assert_array_equal(y, torch_reference(*(case[k] for k in (
+        "x", "x_scale", "x_zero_point", "weight", "bias", "running_mean", "running_var", "eps",
+        "y_scale", "y_zero_point"))))
+
+
+def test_fma_float32_against_fractions():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 3, 4000).astype(np.float32)
+    d = rng.integers(-255, 256, 4000)
+    b = (rng.normal(0, 1, 4000) * 10.0 ** rng.integers(-30, 3, 4000)).astype(np.float32)
+    got = fma_float32(a, d, b)
+    want = [_round_float32(Fraction(float(ai)) * int(di) + Fraction(float(bi)))
+            for ai, di, bi in zip(a, d, b)]
+    np.testing.assert_array_equal(got, np.array(want, np.float32))
+
+
+def test_saturation_both_ends_and_out_dtype():
+    x = np.arange(256, dtype=np.uint8).reshape(1, 1, 256)
+    y = quantized_batch_norm_relu(x, 1.0, 128, [50.0], [0.0], [0.0], [1.0], 0.0, 1.0, 10)
+    assert y[0, 0, 0] == 10 and y[0, 0, -1] == 255
+    y8 = quantized_batch_norm_relu(x, 1.0, 128, [50.0], [0.0], [0.0], [1.0], 0.0, 1.0, -5,
+                                   out_dtype=np.int8)
+    assert y8.dtype == np.int8 and y8[0, 0, 0] == -5 and y8[0, 0, -1] == 127
+
+
+def test_plan_reuse_empty_batch_and_strategies():
+    rng = np.random.default_rng(0)
+    c = 8
+    plan = BnReluPlan(0.02, 128, rng.normal(1, .3, c), rng.normal(0, .5, c), rng.normal(0, .5, c),
+                      rng.uniform(.5, 2, c), 1e-5, 0.03, 0)
+    assert sum(plan.strategies.values()) == c
+    assert plan(np.zeros((0, c, 4, 4), np.uint8)).shape == (0, c, 4, 4)
+    x = rng.integers(0, 256, (4, c, 64, 70), dtype=np.uint8)       # large: the blocked path
+    np.testing.assert_array_equal(plan(x), plan.table[np.arange(c)[None, :, None, None], x])
+
+
+GOOD = dict(x=np.zeros((1, 2, 3), np.uint8), x_scale=0.1, x_zero_point=0, weight=[1.0, 1.0],
+            bias=[0.0, 0.0], running_mean=[0.0, 0.0], running_var=[1.0, 1.0], eps=1e-5,
+            y_scale=0.1, y_zero_point=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=np.zeros((2, 2), np.uint8)), r"x: expected 3D, 4D or 5D input \(got 2D input\)"),
+    (dict(x=np.zeros((1, 2, 3), np.float32)), "x: expected uint8 or int8"),
+    (dict(weight=[1.0]), "weight: has 1 values but the input has 2 channels"),
+    (dict(bias=[0.0, 0.0, 0.0]), "bias: has 3 values"),
+    (dict(running_mean=[0.0, np.nan]), "running_mean: contains NaN"),
+    (dict(running_var=[1.0, -1.0]), "running_var: variances must be >= 0"),
+    (dict(running_var=[0.0, 1.0], eps=0.0), "running_var, eps: channel 0"),
+    (dict(x_scale=0.0), "x_scale: scales must be finite and > 0"),
+    (dict(x_scale=[0.1, 0.1, 0.1]), "x_scale: has 3 values"),
+    (dict(y_scale=np.inf), "y_scale: scales must be finite and > 0"),
+    (dict(y_scale=[0.1, 0.1]), "y_scale: expected a scalar"),
+    (dict(x_zero_point=256), r"x_zero_point: zero points must lie in \[0, 255\]"),
+    (dict(y_zero_point=-1), r"y_zero_point: zero points must lie in \[0, 255\]"),
+    (dict(y_zero_point=0.5), "y_zero_point: zero points must be integers"),
+    (dict(eps=-1.0), "eps: expected a finite value >= 0"),
+])
+def test_argument_errors(change, message):
+    with pytest.raises(ArgumentError, match=message):
+        quantized_batch_norm_relu(**{**GOOD, **change})
+
+
+def test_plan_rejects_wrong_input():
+    plan = BnReluPlan(0.1, 0, [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0], 1e-5, 0.1, 0)
+    with pytest.raises(ArgumentError, match="x: has 3 channels"):
+        plan(np.zeros((1, 3, 4), np.uint8))
+    with pytest.raises(ArgumentError, match="expected uint8 input"):
+        plan(np.zeros((1, 2, 4), np.int8))

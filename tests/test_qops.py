@@ -1,0 +1,118 @@
+"""bnq.qops: the ONNX function body in onnxruntime and the reference evaluator, byte for byte
+against the NumPy kernel, and the checker on a model holding the node and its function."""
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from bnq.errors import ArgumentError
+from bnq.kernels import quantized_batch_norm_relu
+from bnq.ops import DOMAIN
+from bnq.qops import MIN_OPSET, OP_TYPE, QLinearBatchNormRelu, qlinear_bn_relu_function
+
+ort = pytest.importorskip("onnxruntime")
+RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}
+ONNX_TYPES = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
+
+
+def make_model(rank, channels, dtype, p, opset=MIN_OPSET):
+    inits = [numpy_helper.from_array(np.asarray(value, kind), name) for name, value, kind in (
+        ("x_scale", p["x_scale"], np.float32), ("x_zero_point", p["x_zero_point"], dtype),
+        ("weight", p["weight"], np.float32), ("bias", p["bias"], np.float32),
+        ("mean", p["running_mean"], np.float32), ("var", p["running_var"], np.float32),
+        ("y_scale", p["y_scale"], np.float32), ("y_zero_point", p["y_zero_point"], dtype))]
+    node = helper.make_node(OP_TYPE, ["X", "x_scale", "x_zero_point", "weight", "bias", "mean",
+                                      "var", "y_scale", "y_zero_point"], ["Y"], domain=DOMAIN,
+                            epsilon=p["eps"])
+    dims = ["N", channels] + [f"s{i}" for i in range(rank - 2)]
+    graph = helper.make_graph(
+        [node], "qbnrelu", [helper.make_tensor_value_info("X", ONNX_TYPES[dtype], dims)],
+        [helper.make_tensor_value_info("Y", ONNX_TYPES[dtype], dims)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid(DOMAIN, 1)],
+                              functions=[qlinear_bn_relu_function(opset)])
+    model.ir_version = 9
+    return model
+
+
+def run_all(model, x):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return (session.run(None, {"X": x})[0],
+            ReferenceEvaluator(model).run(None, {"X": x})[0],
+            ReferenceEvaluator(model, new_ops=[QLinearBatchNormRelu]).run(None, {"X": x})[0])
+
+
+def kernel(x, p):
+    # ONNX stores scales and epsilon as float32: feed the kernel the same values
+    return quantized_batch_norm_relu(
+        x, np.asarray(p["x_scale"], np.float32), p["x_zero_point"], p["weight"], p["bias"],
+        p["running_mean"], p["running_var"], float(np.float32(p["eps"])),
+        float(np.float32(p["y_scale"])), p["y_zero_point"])
+
+
+@st.composite
+def cases(draw):
+    dtype = draw(st.sampled_from([np.uint8, np.int8]))
+    lo, hi = RANGES[dtype]
+    rank = draw(st.integers(3, 5))
+    channels = draw(st.integers(1, 20))
+    per_channel = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shape = (draw(st.integers(0, 3)), channels) + tuple(rng.integers(1, 5, rank - 2))
+    width = channels if per_channel else ()
+    gamma = rng.normal(0.5, 1.5, channels)
+    var = rng.uniform(0, 2, channels) ** 3
+    var[rng.random(channels) < 0.2] = 0.0
+    p = dict(x_scale=np.exp(rng.uniform(-8, 3, width)), x_zero_point=rng.integers(lo, hi + 1, width),
+             weight=gamma, bias=rng.normal(0, 2, channels), running_mean=rng.normal(0, 2, channels),
+             running_var=var, eps=draw(st.sampled_from([1e-5, 1e-3])),
+             y_scale=float(np.exp(rng.uniform(-8, 3))),
+             y_zero_point=draw(st.integers(lo, hi) | st.sampled_from([lo, hi])))
+    x = rng.integers(lo, hi + 1, shape).astype(dtype)
+    return rank, channels, dtype, p, x
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases())
+def test_function_body_equals_kernel(case):
+    rank, channels, dtype, p, x = case
+    model = make_model(rank, channels, dtype, p)
+    expected = kernel(x, p)
+    for got in run_all(model, x):
+        assert got.dtype == dtype and got.shape == x.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("bias_sign, expected", [(1.0, 3), (-1.0, 2)])
+def test_function_body_rounds_once_on_a_constructed_tie(dtype, bias_sign, expected):
+    """alpha * 3 is exactly halfway between two float32 values next to 2.5 and beta is tiny: a
+    double sum cast to float would give 2 for both signs; one FMA rounding (PyTorch) gives 3/2."""
+    p = dict(x_scale=1.0, x_zero_point=0, weight=[6990507 * 2.0**-23, 0.5],
+             bias=[bias_sign * 1e-30, -1e-30], running_mean=[0.0, 0.0], running_var=[1.0, 1.0],
+             eps=0.0, y_scale=1.0, y_zero_point=0)
+    x = np.full((1, 2, 4), 3, dtype)
+    expected_all = kernel(x, p)
+    assert expected_all[0, 0, 0] == expected
+    for got in run_all(make_model(3, 2, dtype, p), x):
+        np.testing.assert_array_equal(got, expected_all)
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET, 21])
+def test_checker_full_check(opset):
+    p = dict(x_scale=0.1, x_zero_point=3, weight=[1.0, 2.0], bias=[0.0, 1.0],
+             running_mean=[0.0, 0.5], running_var=[1.0, 0.0], eps=1e-5, y_scale=0.05,
+             y_zero_point=0)
+    onnx.checker.check_model(make_model(4, 2, np.uint8, p, opset), full_check=True)
+
+
+def test_function_needs_opset_19():
+    with pytest.raises(ArgumentError, match="opset"):
+        qlinear_bn_relu_function(17)
