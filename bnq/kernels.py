@@ -151,14 +151,23 @@ def _codes(dtype: np.dtype) -> np.ndarray:
     return np.arange(256, dtype=np.uint8).view(dtype).astype(np.int64)
 
 
+def input_offsets(x_zero_point, in_dtype) -> np.ndarray:
+    """d = code - x_zero_point, C x 256, for every channel and input byte pattern."""
+    return _codes(np.dtype(in_dtype))[None, :] - np.asarray(x_zero_point, np.int64)[:, None]
+
+
+def output_codes(v: np.ndarray, y_zero_point, out_dtype) -> np.ndarray:
+    """clip(max(rint(v) + y_zero_point, y_zero_point)) in `out_dtype`, for float32 values `v`."""
+    lo, hi = _RANGES[np.dtype(out_dtype)]
+    rounded = np.rint(np.clip(v.astype(np.float64), -2.0**40, 2.0**40)).astype(np.int64)
+    return np.clip(np.maximum(rounded + y_zero_point, y_zero_point), lo, hi).astype(out_dtype)
+
+
 def build_table(alpha, beta, x_zero_point, y_zero_point, in_dtype, out_dtype) -> np.ndarray:
     """C x 256 output codes (`out_dtype`) indexed by channel and input byte pattern."""
-    lo, hi = _RANGES[np.dtype(out_dtype)]
-    d = _codes(np.dtype(in_dtype))[None, :] - np.asarray(x_zero_point, np.int64)[:, None]
-    v = fma_float32(np.asarray(alpha)[:, None], d, np.asarray(beta)[:, None]).astype(np.float64)
-    rounded = np.rint(np.clip(v, -2.0**40, 2.0**40)).astype(np.int64)
-    y = np.clip(np.maximum(rounded + y_zero_point, y_zero_point), lo, hi)
-    return y.astype(out_dtype)
+    d = input_offsets(x_zero_point, in_dtype)
+    v = fma_float32(np.asarray(alpha)[:, None], d, np.asarray(beta)[:, None])
+    return output_codes(v, y_zero_point, out_dtype)
 
 
 @dataclass(frozen=True)

@@ -30,33 +30,25 @@ def _ref_attribute(name: str, kind: int) -> onnx.AttributeProto:
     return onnx.AttributeProto(name=name, ref_attr_name=name, type=kind)
 
 
-def batch_norm_relu_function(opset: int) -> onnx.FunctionProto:
+def batch_norm_relu_function(model: onnx.ModelProto) -> onnx.FunctionProto:
     batch_norm = helper.make_node("BatchNormalization", ["X", "scale", "B", "input_mean", "input_var"],
                                   ["normalized"])
     batch_norm.attribute.append(_ref_attribute("epsilon", onnx.AttributeProto.FLOAT))
     relu = helper.make_node("Relu", ["normalized"], ["Y"])
     return helper.make_function(DOMAIN, "BatchNormRelu",
                                 ["X", "scale", "B", "input_mean", "input_var"], ["Y"],
-                                [batch_norm, relu], [helper.make_opsetid("", opset)],
+                                [batch_norm, relu], [helper.make_opsetid("", default_opset(model))],
                                 attributes=["epsilon"])
 
 
-def qlinear_batch_norm_relu_function(opset: int) -> onnx.FunctionProto:
-    """Provisional body: DequantizeLinear -> BatchNormalization -> Relu -> QuantizeLinear."""
-    inputs = ["X", "X_scale", "X_zero_point", "scale", "B", "input_mean", "input_var",
-              "Y_scale", "Y_zero_point"]
-    batch_norm = helper.make_node("BatchNormalization", ["x", "scale", "B", "input_mean",
-                                                         "input_var"], ["normalized"])
-    batch_norm.attribute.append(_ref_attribute("epsilon", onnx.AttributeProto.FLOAT))
-    body = [helper.make_node("DequantizeLinear", ["X", "X_scale", "X_zero_point"], ["x"], axis=1),
-            batch_norm,
-            helper.make_node("Relu", ["normalized"], ["y"]),
-            helper.make_node("QuantizeLinear", ["y", "Y_scale", "Y_zero_point"], ["Y"])]
-    return helper.make_function(DOMAIN, "QLinearBatchNormRelu", inputs, ["Y"], body,
-                                [helper.make_opsetid("", opset)], attributes=["epsilon"])
+def qlinear_batch_norm_relu_function(model: onnx.ModelProto) -> onnx.FunctionProto:
+    """The quantized fused op's body, chosen for the model's parameters by `bnq.qops`."""
+    from bnq.qops import function_for  # bnq.qops builds on this module's DOMAIN
+
+    return function_for(model)
 
 
-FUNCTIONS: dict[str, Callable[[int], onnx.FunctionProto]] = {
+FUNCTIONS: dict[str, Callable[[onnx.ModelProto], onnx.FunctionProto]] = {
     "BatchNormRelu": batch_norm_relu_function,
     "QLinearBatchNormRelu": qlinear_batch_norm_relu_function,
 }
@@ -65,10 +57,9 @@ FUNCTIONS: dict[str, Callable[[int], onnx.FunctionProto]] = {
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give `model` the function bodies and the opset import of every bnq op its graph uses."""
     used = sorted({node.op_type for node in model.graph.node if node.domain == DOMAIN})
-    opset = default_opset(model)
     kept = [function for function in model.functions if function.domain != DOMAIN]
     del model.functions[:]
-    model.functions.extend(kept + [FUNCTIONS[op](opset) for op in used])
+    model.functions.extend(kept + [FUNCTIONS[op](model) for op in used])
     imports = [o for o in model.opset_import if o.domain != DOMAIN]
     if used:
         imports.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference.op_run import OpRun
 
 from bnq.errors import ArgumentError
-from bnq.kernels import BnReluPlan
+from bnq.kernels import BnReluPlan, input_offsets, output_codes
+from bnq.graph import constant_values, default_opset
 from bnq.ops import DOMAIN
 
 OP_TYPE = "QLinearBatchNormRelu"
@@ -42,30 +43,23 @@ def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
 
 
-def qlinear_bn_relu_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
-    """The body of `bnq.QLinearBatchNormRelu`, importing the default domain at `opset` (>= 19)."""
+def _check_opset(opset: int) -> None:
     if opset < MIN_OPSET:
         raise ArgumentError(f"opset: the QLinearBatchNormRelu body needs opset >= {MIN_OPSET}, "
                             f"got {opset}")
+
+
+def _fused_params() -> list[onnx.NodeProto]:
+    """Nodes computing float32 `alpha` and `beta` [C] with PyTorch's mixed precision."""
     D, F = TensorProto.DOUBLE, TensorProto.FLOAT
     n = helper.make_node
     eps = n("Constant", [], ["eps"])
     eps.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="epsilon",
                                              type=onnx.AttributeProto.FLOAT))
-    nodes = [
+    return [
         eps,
         _constant("one_d", np.array(1.0, np.float64)),
         _constant("one_f", np.array(1.0, np.float32)),
-        _constant("zero_d", np.array(0.0, np.float64)),
-        _constant("column", np.array([-1, 1], np.int64)),
-        _constant("flat", np.array([-1], np.int64)),
-        _constant("zero_i64", np.array([0], np.int64)),
-        _constant("two_i64", np.array([2], np.int64)),
-        _constant("end_i64", np.array([np.iinfo(np.int64).max], np.int64)),
-        _constant("bytes", np.arange(256, dtype=np.int32)),
-        _constant("byte_mask", np.array(255, np.int32)),
-        _constant("row_start", np.array(0, np.int32)),
-        _constant("row_step", np.array(256, np.int32)),
         # PyTorch's compute_fused_params: float sqrt, double reciprocal, double scale ratio
         n("Add", ["input_var", "eps"], ["var_eps"]),
         n("Sqrt", ["var_eps"], ["sigma"]),
@@ -85,6 +79,26 @@ def qlinear_bn_relu_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
         n("Cast", ["shift"], ["shift_d"], to=D),
         n("Div", ["shift_d", "y_scale_d"], ["beta_d"]),
         n("Cast", ["beta_d"], ["beta"], to=F),
+    ]
+
+
+def qlinear_bn_relu_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The table body of `bnq.QLinearBatchNormRelu` (exact for every parameter set), importing
+    the default domain at `opset` (>= 19)."""
+    _check_opset(opset)
+    D, F = TensorProto.DOUBLE, TensorProto.FLOAT
+    n = helper.make_node
+    nodes = _fused_params() + [
+        _constant("zero_d", np.array(0.0, np.float64)),
+        _constant("column", np.array([-1, 1], np.int64)),
+        _constant("flat", np.array([-1], np.int64)),
+        _constant("zero_i64", np.array([0], np.int64)),
+        _constant("two_i64", np.array([2], np.int64)),
+        _constant("end_i64", np.array([np.iinfo(np.int64).max], np.int64)),
+        _constant("bytes", np.arange(256, dtype=np.int32)),
+        _constant("byte_mask", np.array(255, np.int32)),
+        _constant("row_start", np.array(0, np.int32)),
+        _constant("row_step", np.array(256, np.int32)),
         # d = code - zero point for every (channel, byte pattern): C x 256 (or 1 x 256)
         n("CastLike", ["bytes", "X"], ["codes"]),
         n("Cast", ["codes"], ["codes_d"], to=D),
@@ -147,6 +161,75 @@ def qlinear_bn_relu_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
     ]
     return helper.make_function(DOMAIN, OP_TYPE, INPUTS, ["Y"], nodes,
                                 [helper.make_opsetid("", opset)], attributes=["epsilon"])
+
+
+def double_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The fast body of `bnq.QLinearBatchNormRelu`: the formula evaluated per element in double,
+
+        d = DequantizeLinear(X, 1, X_zero_point)                 # exact small integers
+        v = float32(BatchNormalization(double(d), alpha, beta, mean=0, var=1, epsilon=0))
+        Y = QuantizeLinear(Relu(v), 1, Y_zero_point)
+
+    i.e. `float32(round64(alpha * d + beta))` (the product is exact in double, so an FMA or not
+    gives the same). It equals PyTorch's single-rounding float32 FMA except where the double sum
+    lands exactly halfway between two float32 values: `double_body_is_exact` checks that, for
+    every channel and input code, before a model gets this body."""
+    _check_opset(opset)
+    D, F = TensorProto.DOUBLE, TensorProto.FLOAT
+    n = helper.make_node
+
+    def filled(name: str, dtype: int, value: float) -> onnx.NodeProto:
+        return n("ConstantOfShape", ["channels"], [name],
+                 value=helper.make_tensor(name, dtype, [1], [value]))
+
+    nodes = _fused_params() + [
+        n("Shape", ["scale"], ["channels"]),
+        filled("ones", F, 1.0), filled("ones_d", D, 1.0), filled("zeros_d", D, 0.0),
+        n("Expand", ["X_zero_point", "channels"], ["x_zero_points"]),
+        n("DequantizeLinear", ["X", "ones", "x_zero_points"], ["d"], axis=1),
+        n("Cast", ["d"], ["d_d"], to=D),
+        n("Cast", ["alpha"], ["alpha_dd"], to=D),
+        n("Cast", ["beta"], ["beta_dd"], to=D),
+        n("BatchNormalization", ["d_d", "alpha_dd", "beta_dd", "zeros_d", "ones_d"], ["v_d"],
+          epsilon=0.0),
+        n("Cast", ["v_d"], ["v"], to=F),
+        n("Relu", ["v"], ["v_relu"]),
+        n("QuantizeLinear", ["v_relu", "one_f", "Y_zero_point"], ["Y"]),
+    ]
+    return helper.make_function(DOMAIN, OP_TYPE, INPUTS, ["Y"], nodes,
+                                [helper.make_opsetid("", opset)], attributes=["epsilon"])
+
+
+def double_body_is_exact(plan: BnReluPlan, x_zero_point, y_zero_point) -> bool:
+    """Whether `double_function` gives `plan`'s exact table for every channel and input code."""
+    d = input_offsets(np.broadcast_to(x_zero_point, (plan.channels,)), plan.in_dtype)
+    v = (d * plan.alpha.astype(np.float64)[:, None]
+         + plan.beta.astype(np.float64)[:, None]).astype(np.float32)
+    y = output_codes(v, int(np.asarray(y_zero_point).reshape(())), plan.out_dtype)
+    return bool(np.array_equal(y, plan.table))
+
+
+def function_for(model: onnx.ModelProto) -> onnx.FunctionProto:
+    """The body `model` gets: the fast double body when it is exact for every one of the model's
+    QLinearBatchNormRelu nodes (checked over all channels and input codes), else the table body.
+    Parameters that are not constants cannot be checked and get the table body."""
+    opset = default_opset(model)
+    constants = constant_values(model)
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type != OP_TYPE:
+            continue
+        if not all(name in constants for name in node.input[1:]):
+            return qlinear_bn_relu_function(opset)
+        x_scale, x_zp, weight, bias, mean, var, y_scale, y_zp = (constants[name]
+                                                                for name in node.input[1:])
+        epsilon = next((helper.get_attribute_value(a) for a in node.attribute
+                        if a.name == "epsilon"), 1e-5)
+        plan = BnReluPlan(x_scale, x_zp, weight, bias, mean, var, float(np.float32(epsilon)),
+                          y_scale.reshape(()), y_zp.reshape(()), in_dtype=x_zp.dtype,
+                          out_dtype=y_zp.dtype)
+        if not double_body_is_exact(plan, x_zp, y_zp):
+            return qlinear_bn_relu_function(opset)
+    return double_function(opset)
 
 
 class QLinearBatchNormRelu(OpRun):

@@ -12,14 +12,17 @@ from onnx.reference import ReferenceEvaluator
 from bnq.errors import ArgumentError
 from bnq.kernels import quantized_batch_norm_relu
 from bnq.ops import DOMAIN
-from bnq.qops import MIN_OPSET, OP_TYPE, QLinearBatchNormRelu, qlinear_bn_relu_function
+from bnq.qops import (MIN_OPSET, OP_TYPE, QLinearBatchNormRelu, double_function, function_for,
+                      qlinear_bn_relu_function)
 
 ort = pytest.importorskip("onnxruntime")
 RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}
 ONNX_TYPES = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
 
 
-def make_model(rank, channels, dtype, p, opset=MIN_OPSET):
+def make_model(rank, channels, dtype, p, opset=MIN_OPSET, body="table"):
+    """A model of one QLinearBatchNormRelu node with the `body` ("table", "double", or "chosen":
+    the one `function_for` picks for these parameters)."""
     inits = [numpy_helper.from_array(np.asarray(value, kind), name) for name, value, kind in (
         ("x_scale", p["x_scale"], np.float32), ("x_zero_point", p["x_zero_point"], dtype),
         ("weight", p["weight"], np.float32), ("bias", p["bias"], np.float32),
@@ -36,6 +39,9 @@ def make_model(rank, channels, dtype, p, opset=MIN_OPSET):
                                                     helper.make_opsetid(DOMAIN, 1)],
                               functions=[qlinear_bn_relu_function(opset)])
     model.ir_version = 9
+    if body != "table":
+        del model.functions[:]
+        model.functions.append(double_function(opset) if body == "double" else function_for(model))
     return model
 
 
@@ -79,11 +85,14 @@ def cases(draw):
     return rank, channels, dtype, p, x
 
 
+@pytest.mark.parametrize("body", ["table", "chosen"])
 @settings(max_examples=25, deadline=None)
-@given(cases())
-def test_function_body_equals_kernel(case):
+@given(case=cases())
+def test_function_body_equals_kernel(body, case):
+    """Both bodies a model can get: the table (exact for all parameters) and the one
+    function_for picks (the fast double body whenever its exactness check passes)."""
     rank, channels, dtype, p, x = case
-    model = make_model(rank, channels, dtype, p)
+    model = make_model(rank, channels, dtype, p, body=body)
     expected = kernel(x, p)
     for got in run_all(model, x):
         assert got.dtype == dtype and got.shape == x.shape
@@ -103,6 +112,24 @@ def test_function_body_rounds_once_on_a_constructed_tie(dtype, bias_sign, expect
     assert expected_all[0, 0, 0] == expected
     for got in run_all(make_model(3, 2, dtype, p), x):
         np.testing.assert_array_equal(got, expected_all)
+    chosen = make_model(3, 2, dtype, p, body="chosen")
+    for got in run_all(chosen, x):
+        np.testing.assert_array_equal(got, expected_all)
+    if bias_sign > 0:  # the double body rounds twice here and gives 2: the check refuses it
+        assert run_all(make_model(3, 2, dtype, p, body="double"), x)[0][0, 0, 0] == 2
+        assert "Gather" in {node.op_type for node in chosen.functions[0].node}
+
+
+def test_typical_parameters_get_the_fast_double_body():
+    rng = np.random.default_rng(0)
+    p = dict(x_scale=0.02, x_zero_point=128, weight=rng.normal(1, 0.3, 64),
+             bias=rng.normal(0, 0.5, 64), running_mean=rng.normal(0, 0.5, 64),
+             running_var=rng.uniform(0.2, 2, 64), eps=1e-5, y_scale=0.03, y_zero_point=0)
+    model = make_model(4, 64, np.uint8, p, body="chosen")
+    assert "BatchNormalization" in {node.op_type for node in model.functions[0].node}
+    x = rng.integers(0, 256, (2, 64, 5, 5)).astype(np.uint8)
+    for got in run_all(model, x):
+        np.testing.assert_array_equal(got, kernel(x, p))
 
 
 @pytest.mark.parametrize("opset", [MIN_OPSET, 21])
