@@ -1,5 +1,9 @@
 """Timings returned as frozen dataclasses (the CLI renders them).
 
+`bench_models` times whole models per backend and thread count: warm-up rounds, then rounds in
+which every model runs once, alternately, so that drift of the machine hits all alike; it
+reports the median and 90th percentile latency, throughput, and speed-ups against the first model.
+
 `bench_kernel` times bnq's quantized BN+ReLU kernel against the ways one can run the same op
 elsewhere, on the same random data: a naive NumPy float formula, onnxruntime's
 DequantizeLinear -> BatchNormalization -> Relu -> QuantizeLinear subgraph, onnxruntime running
@@ -21,8 +25,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnq.errors import ArgumentError
 from bnq.kernels import BnReluPlan
+from bnq.machine import Machine, describe
+from bnq.runtime import make_runner
 from bnq.ops import DOMAIN
-from bnq.qops import MIN_OPSET, OP_TYPE, qlinear_bn_relu_function
+from bnq import ops
+from bnq.qops import MIN_OPSET, OP_TYPE
 
 
 @dataclass(frozen=True)
@@ -91,10 +98,9 @@ def _ort_model(p, rank, fused: bool) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("Y", u8, dims)], inits)
     imports = [helper.make_opsetid("", MIN_OPSET)] + ([helper.make_opsetid(DOMAIN, 1)] if fused
                                                       else [])
-    functions = [qlinear_bn_relu_function(MIN_OPSET)] if fused else []
-    model = helper.make_model(graph, opset_imports=imports, functions=functions)
+    model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = 9
-    return model
+    return ops.attach_functions(model)  # the body bnq writes into models for these parameters
 
 
 def _ort_runner(model: onnx.ModelProto, threads: int):
@@ -167,3 +173,53 @@ def bench_kernel(shape=(32, 64, 56, 56), threads=1, repeats=15, seed=0) -> Kerne
     return KernelBench(shape, threads, repeats, reference, tuple(
         PathTiming(name, medians[name], float(np.percentile(times[name], 90)),
                    medians[reference] / medians[name], diffs[name]) for name in paths))
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    model: str
+    backend: str
+    batch_size: int
+    threads: int
+    median_ms: float
+    p90_ms: float
+    throughput: float       # samples per second at the median
+    speedup: float          # the first model's median / this median, same backend and threads
+
+
+@dataclass(frozen=True)
+class ModelBench:
+    machine: Machine
+    warmup: int
+    repeats: int
+    results: tuple[ModelTiming, ...]
+
+
+def bench_models(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], *,
+                 backends=("onnxruntime",), threads=(1,), warmup: int = 5,
+                 repeats: int = 30) -> ModelBench:
+    """Latency of each model on each backend and thread count, on the same `feeds`.
+
+    The models run alternately, round by round, so that drift of the machine hits all alike;
+    speed-ups are against the first model."""
+    if warmup < 0 or repeats < 1:
+        raise ArgumentError(f"warmup, repeats: expected >= 0 and >= 1, got {warmup}, {repeats}")
+    batch_size = len(next(iter(feeds.values())))
+    results = []
+    for backend in backends:
+        for count in threads:
+            runners = {label: make_runner(model, backend, count) for label, model in models.items()}
+            times = {label: [] for label in runners}
+            for round_index in range(warmup + repeats):
+                for label, run in runners.items():
+                    start = time.perf_counter()
+                    run(feeds)
+                    if round_index >= warmup:
+                        times[label].append((time.perf_counter() - start) * 1e3)
+            first = float(np.median(times[next(iter(times))]))
+            for label, samples in times.items():
+                median = float(np.median(samples))
+                results.append(ModelTiming(label, backend, batch_size, count, median,
+                                           float(np.percentile(samples, 90)),
+                                           batch_size / median * 1e3, first / median))
+    return ModelBench(describe(), warmup, repeats, tuple(results))

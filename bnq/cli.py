@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,19 @@ from rich.table import Table
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from bnq.bench import KernelBench, ModelBench, bench_kernel, bench_models
 from bnq.calibrate import CalibrationReport, calibrate
 from bnq.data import SampleData, model_inputs
 from bnq.errors import BnqError
 from bnq.evaluate import BACKEND_CHOICES, EvaluationReport, evaluate
 from bnq.fusion import FuseReport, fuse
 from bnq.io import check_output_path, load_model, save_model
-from bnq.machine import IntegerFormats, default_formats
+from bnq.machine import IntegerFormats, Machine, default_formats, describe
+from bnq.runtime import BACKENDS
 from bnq.observers import OBSERVERS
 
-out = Console(highlight=False)
+# Pipes and files get 120 columns rather than rich's 80, so tables of long node names stay whole.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
 
 MODEL = click.Path(dir_okay=False, path_type=Path)
@@ -317,6 +321,110 @@ def _render_evaluation(report: EvaluationReport) -> None:
                 row.append(str(node.backend_max_lsb_diff))
             nodes.add_row(*row)
         out.print(nodes)
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, type=MODEL)
+@click.option("--kernel", is_flag=True,
+              help="Time the fused quantized BN-ReLU operator alone against its baselines "
+                   "(numpy float formula, onnxruntime QDQ subgraph, PyTorch when installed).")
+@click.option("--backend", "backends", type=click.Choice(list(BACKENDS)), multiple=True,
+              default=["onnxruntime"], show_default=True, help="Backends to time (repeatable).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per run.")
+@click.option("--threads", type=click.IntRange(min=1), multiple=True,
+              help="Intra-op threads (repeatable; default: 1 and all cores).")
+@click.option("-d", "--data", type=click.Path(path_type=Path), default=None,
+              help="Take the input batch from these samples instead of random data.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed rounds first.")
+@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Timed rounds (every model runs once per round).")
+@click.option("--shape", default="32,64,56,56", show_default=True,
+              help="With --kernel: the uint8 tensor shape N,C,... (rank 3 to 5).")
+@_json_option
+def bench_command(models: tuple[Path, ...], kernel: bool, backends: tuple[str, ...],
+                  batch_size: int, threads: tuple[int, ...], data: Path | None, warmup: int,
+                  repeats: int, shape: str, as_json: bool) -> None:
+    """Time MODELS (e.g. a float model and its quantized version) per backend and thread
+    count, alternately in one run, with speed-ups against the first model; or, with --kernel,
+    the fused quantized BN-ReLU operator alone."""
+    machine = describe()
+    threads = threads or tuple(sorted({1, machine.cores}))
+    if kernel:
+        try:
+            dims = tuple(int(part) for part in shape.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{shape!r} is not a comma-separated list of integers",
+                                     param_hint="--shape") from None
+        reports = [bench_kernel(dims, count, repeats) for count in threads]
+        if as_json:
+            _print_json({"machine": machine, "kernel": reports})
+        else:
+            _render_kernel_bench(machine, reports)
+        return
+    if not models:
+        raise click.UsageError("give at least one MODEL, or --kernel")
+    labels = [path.name for path in models]
+    if len(set(labels)) < len(labels):  # same file names in other folders, or one model twice
+        labels = [f"{index}:{path}" for index, path in enumerate(models, 1)]
+    loaded = {label: load_model(path) for label, path in zip(labels, models)}
+    first = next(iter(loaded.values()))
+    feeds = _bench_feeds(first, data, batch_size)
+    report = bench_models(loaded, feeds, backends=backends, threads=threads, warmup=warmup,
+                          repeats=repeats)
+    if as_json:
+        _print_json({"machine": report.machine, "warmup": report.warmup, "repeats": report.repeats,
+                     "results": report.results})
+    else:
+        _render_model_bench(report)
+
+
+def _bench_feeds(model, data: Path | None, batch_size: int) -> dict[str, np.ndarray]:
+    specs = model_inputs(model)
+    if data is not None:
+        return next(SampleData(data, specs).batches(batch_size, batch_size))
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in specs:
+        if any(dim is None for dim in spec.shape[1:]):
+            raise BnqError(f"model input {spec.name!r} has dynamic dimensions "
+                           f"{list(spec.shape)}: pass --data with samples of the right shape")
+        feeds[spec.name] = rng.standard_normal((batch_size, *spec.shape[1:])).astype(spec.dtype)
+    return feeds
+
+
+def _machine_line(machine: Machine) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in machine.versions.items())
+    return (f"{machine.cpu}, {machine.cores} cores, "
+            f"features: {', '.join(machine.features) or 'none detected'}; {versions}")
+
+
+def _render_model_bench(report: ModelBench) -> None:
+    table = Table(title=f"Latency, {report.repeats} rounds after {report.warmup} warm-up",
+                  title_justify="left", caption=_machine_line(report.machine),
+                  caption_justify="left")
+    for column in ("model", "backend", "batch", "threads", "median ms", "p90 ms", "samples/s",
+                   "speed-up"):
+        table.add_column(column, justify="left" if column in ("model", "backend") else "right",
+                         no_wrap=True)
+    for r in report.results:
+        table.add_row(r.model, r.backend, str(r.batch_size), str(r.threads), f"{r.median_ms:.3f}",
+                      f"{r.p90_ms:.3f}", f"{r.throughput:.1f}", f"{r.speedup:.2f}x")
+    out.print(table)
+
+
+def _render_kernel_bench(machine: Machine, reports: list[KernelBench]) -> None:
+    for report in reports:
+        table = Table(title=f"Quantized BN-ReLU on uint8 {list(report.shape)}, {report.threads} "
+                            f"thread(s), median of {report.repeats}", title_justify="left",
+                      caption=_machine_line(machine), caption_justify="left")
+        for column in ("path", "median ms", "p90 ms", f"vs {report.reference}", "max code diff"):
+            table.add_column(column, justify="left" if column == "path" else "right")
+        for path in report.paths:
+            table.add_row(path.name, f"{path.median_ms:.2f}", f"{path.p90_ms:.2f}",
+                          f"{path.speedup:.2f}x", str(path.max_code_diff))
+        out.print(table)
 
 
 def main() -> None:
