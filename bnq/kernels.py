@@ -271,7 +271,8 @@ class BnReluPlan:
                                  self.out_dtype)
         self._byte_table = self.table.view(np.uint8)
         self._flat_table = np.ascontiguousarray(self._byte_table).ravel()
-        self._plan_channels()
+        self._kind = None  # the per-channel fast path is planned on the first large input
+
 
     def _plan_channels(self) -> None:
         channels = self.channels
@@ -307,6 +308,8 @@ class BnReluPlan:
     def strategies(self) -> dict[str, int]:
         """How many channels use each apply path."""
         names = {_TABLE: "table", _CONST: "constant", _U16: "uint16", _I32: "int32"}
+        if self._kind is None:
+            self._plan_channels()
         return {name: int((self._kind == k).sum()) for k, name in names.items()}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -329,6 +332,8 @@ class BnReluPlan:
             offsets = (np.arange(c, dtype=np.intp) * 256)[:, None]
             np.take(self._flat_table, xb + offsets, out=ob)
         else:
+            if self._kind is None:
+                self._plan_channels()
             self._apply_blocked(xb, ob)
         return out
 
