@@ -7,11 +7,14 @@ time, straight from the file (`.npy` through a memory map, `.npz` members as a s
 does not grow with the number of samples; nothing is unpickled.
 
 Everything that can be checked without reading the data (keys, dtypes, shapes against the model's
-inputs, equal sample counts) is checked when the source is opened, before any work.
+inputs, equal sample counts, files as long as their headers declare) is checked when the source is
+opened, before any work. Limits protect the machine from a mistyped shape: a sample larger than
+MAX_SAMPLE_BYTES, or a batch of one input larger than MAX_BATCH_BYTES, is refused unread.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from bnq.errors import DataError
-from bnq.graph import constant_values
+from bnq.errors import DataError, ModelError, one_line
+from bnq.graph import constant_values, numpy_dtype
+from bnq.io import read_npy_header
 
 DATA_SUFFIXES = (".npz", ".npy")
 MAX_SAMPLE_BYTES = 1 << 30  # one sample larger than this is a mistake, not a tensor to read
+MAX_BATCH_BYTES = 1 << 31  # what one batch of one input may take in memory
 
 
 @dataclass(frozen=True)
@@ -38,17 +42,22 @@ class InputSpec:
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs a caller must feed (graph inputs that are not constants)."""
-    constants = constant_values(model)
+    """The inputs a caller must feed: graph inputs that are neither constants nor initializers
+    (an initializer listed as a graph input is a default the caller may override, not must)."""
+    known = set(constant_values(model)) | {tensor.name for tensor in model.graph.initializer}
     specs = []
     for value in model.graph.input:
-        if value.name in constants:
+        if value.name in known:
             continue
         tensor_type = value.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else None
                       for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(
-            tensor_type.elem_type)), shape))
+        dtype = numpy_dtype(tensor_type.elem_type)
+        if dtype is None or dtype.kind not in "biuf":
+            raise ModelError(f"model input {value.name!r} has element type "
+                             f"{tensor_type.elem_type}, not a numeric tensor that samples can "
+                             "feed; fix the model's input type")
+        specs.append(InputSpec(value.name, dtype, shape))
     return specs
 
 
@@ -67,16 +76,17 @@ class _Member:
         archive = zipfile.ZipFile(self.path)
         return _ClosingMember(archive, archive.open(f"{self.key}.npy"))
 
+    def _stored_bytes(self) -> int:
+        if self.key is None:
+            return self.path.stat().st_size
+        with zipfile.ZipFile(self.path) as archive:
+            return archive.getinfo(f"{self.key}.npy").file_size
+
     def _header(self, handle):
         try:
-            version = np.lib.format.read_magic(handle)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy format version {version}")
-            shape, fortran, dtype = read_header(handle)
+            shape, fortran, dtype = read_npy_header(handle)
         except ValueError as error:
-            raise DataError(f"{self.where}: not a NumPy array ({error})") from error
+            raise DataError(f"{self.where}: not a NumPy array ({one_line(error)})") from error
         if dtype.hasobject:
             raise DataError(f"{self.where}: holds Python objects, which bnq never unpickles; "
                             "save numeric arrays")
@@ -85,15 +95,24 @@ class _Member:
                             "save np.ascontiguousarray(x)")
         if not shape:
             raise DataError(f"{self.where}: a 0-d array holds no samples")
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > self._stored_bytes() - handle.tell():  # before any work, not mid-way
+            raise DataError(f"{self.where}: the file is truncated: its header declares shape "
+                            f"{list(shape)} ({declared} bytes) but it holds fewer")
         return tuple(shape), dtype, handle.tell()
 
     @property
     def rows(self) -> int:
         return self.shape[0]
 
+    @property
+    def row_bytes(self) -> int:
+        """The bytes of one sample."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
     def blocks(self, sizes: Iterator[int]) -> Iterator[np.ndarray]:
         """Consecutive row blocks of the given sizes."""
-        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        row_bytes = self.row_bytes
         with self._open() as handle:
             handle.seek(self.offset)
             for size in sizes:
@@ -187,8 +206,9 @@ class SampleData:
             shown = ["?" if e is None else e for e in spec.shape]
             raise DataError(f"{member.where}: samples of shape {list(actual)}, but model input "
                             f"{spec.name!r} takes {shown} (batch first)")
-        if int(np.prod(actual, dtype=np.int64)) * member.dtype.itemsize > MAX_SAMPLE_BYTES:
-            raise DataError(f"{member.where}: one sample is larger than 1 GiB; refusing")
+        if member.row_bytes > MAX_SAMPLE_BYTES:
+            raise DataError(f"{member.where}: one sample of shape {list(actual)} takes "
+                            f"{member.row_bytes} bytes, more than 1 GiB; refusing")
 
     def batches(self, batch_size: int, num_samples: int | None = None,
                 keys: tuple[str, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -196,25 +216,37 @@ class SampleData:
         to their dtype and checked for NaN and infinity, plus the `keys` asked for."""
         remaining = self.num_samples if num_samples is None else min(num_samples, self.num_samples)
         dtypes = {spec.name: spec.dtype for spec in self.inputs}
+        wanted = [*dtypes, *keys]
+        for part in self.parts:
+            for member in (part[key] for key in wanted):
+                size = min(batch_size, member.rows, remaining) * member.row_bytes
+                if size > MAX_BATCH_BYTES:
+                    raise DataError(f"{member.where}: a batch of {batch_size} samples would take "
+                                    f"{size} bytes, more than 2 GiB; use a smaller batch size")
         seen = 0
         for part in self.parts:
             rows = next(iter(part.values())).rows
             take = min(rows, remaining - seen)
             if take <= 0:
                 break
-            sizes = [batch_size] * (take // batch_size)
-            sizes += [take % batch_size] if take % batch_size else []
-            wanted = [*dtypes, *keys]
-            streams = {key: part[key].blocks(iter(sizes)) for key in wanted}
-            for _ in sizes:
+            streams = {key: part[key].blocks(_batch_sizes(take, batch_size)) for key in wanted}
+            for start in range(0, take, batch_size):
                 batch = {key: next(stream) for key, stream in streams.items()}
                 for name, dtype in dtypes.items():
                     array = batch[name].astype(dtype, copy=False)
                     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                        bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
                         raise DataError(f"{part[name].where}: NaN or infinite values in samples "
-                                        f"{seen}..{seen + len(array) - 1}")
+                                        f"{start}..{start + len(array) - 1} (first: sample "
+                                        f"{start + int(np.argmax(bad))}); drop or fix them")
                     batch[name] = array
                 seen += len(batch[next(iter(dtypes))])
                 yield batch
             for stream in streams.values():
                 stream.close()
+
+
+def _batch_sizes(total: int, batch_size: int) -> Iterator[int]:
+    """`batch_size` repeatedly, then what is left of `total`: made lazily, for any `total`."""
+    for start in range(0, total, batch_size):
+        yield min(batch_size, total - start)

@@ -16,3 +16,10 @@ class DataError(BnqError):
 
 class ArgumentError(BnqError, ValueError):
     """A bad argument to a public function (wrong rank, channel mismatch, bad scale...)."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The text of a foreign exception (onnx, protobuf, numpy) fit to quote in a one-line
+    message: whitespace and line breaks collapsed, cut at `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

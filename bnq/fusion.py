@@ -93,10 +93,13 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
         reason = _check_fold(source, node, readers, outputs, constants)
         if reason is None:
             folded = _fold(source, batch_norm, constants, scope, graph)
-            added[id(source)] = folded
-            removed.add(id(node))
-            actions.append(Action(label, "folded", f"into {source.op_type} {node_label(source)}"))
-            continue
+            if isinstance(folded, onnx.NodeProto):
+                added[id(source)] = folded
+                removed.add(id(node))
+                actions.append(Action(label, "folded",
+                                      f"into {source.op_type} {node_label(source)}"))
+                continue
+            reason = folded
         relu = _only_reader(node.output[0], readers, outputs)
         if relu is None or relu.op_type != "Relu":
             actions.append(Action(label, "kept", f"{reason}; and {_relu_failure(node, readers, outputs)}"))
@@ -135,15 +138,24 @@ def _read_batch_norm(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> 
         values.append(constants[name])
     scale, bias, mean, var = values
     epsilon = float(attributes.get("epsilon", 1e-5))
+    label = f"BatchNormalization {node_label(node)}"
     channels = {v.size for v in values}
     if len(channels) != 1 or any(v.ndim != 1 for v in values):
-        raise ModelError(f"BatchNormalization {node_label(node)}: parameters must be 1-D of one "
-                         f"length, got shapes {[list(v.shape) for v in values]}")
-    for role, value in zip(BN_PARAMS, values):
+        raise ModelError(f"{label}: parameters must be 1-D of one length, got shapes "
+                         f"{[list(v.shape) for v in values]}; the model cannot run")
+    for role, name, value in zip(BN_PARAMS, node.input[1:5], values):
+        if value.dtype.kind != "f":
+            raise ModelError(f"{label}: {role} {name!r} has dtype {value.dtype}, not a float type; "
+                             "the model cannot run")
         if not np.all(np.isfinite(value)):
-            raise ModelError(f"BatchNormalization {node_label(node)}: {role} holds NaN or infinity")
+            raise ModelError(f"{label}: {role} {name!r} holds NaN or infinity; fix or retrain "
+                             "the model")
     if np.any(var < 0):
-        raise ModelError(f"BatchNormalization {node_label(node)}: input_var holds negative values")
+        raise ModelError(f"{label}: input_var {node.input[4]!r} holds negative values (a variance "
+                         "is never negative); fix the model's running variance")
+    if np.any(var + epsilon <= 0):
+        raise ModelError(f"{label}: input_var {node.input[4]!r} holds zeros and epsilon is "
+                         f"{epsilon}: a division by zero; give the node a positive epsilon")
     return _BatchNorm(node, scale, bias, mean, var, epsilon)
 
 
@@ -180,9 +192,36 @@ def _check_fold(source: onnx.NodeProto | None, node: onnx.NodeProto,
     for name in source.input[1:]:
         if name and name not in constants:
             return f"the {source.op_type} parameter {name!r} is not a constant"
-    if source.op_type == "Gemm":
-        return _check_gemm(source, constants)
+    if source.op_type == "Gemm" and (reason := _check_gemm(source, constants)):
+        return reason
+    _check_shapes(source, node, constants)
     return None
+
+
+def _check_shapes(source: onnx.NodeProto, node: onnx.NodeProto,
+                  constants: dict[str, np.ndarray]) -> None:
+    """Refuse a weight or bias whose shape does not fit the BatchNormalization after it (which
+    shape inference lets through when the dimensions are dynamic)."""
+    weight = constants[source.input[1]]
+    attributes = {a.name: helper.get_attribute_value(a) for a in source.attribute}
+    if weight.ndim < 2 or (source.op_type == "Gemm" and weight.ndim != 2):
+        made = None
+    elif source.op_type == "Conv":
+        made = weight.shape[0]
+    elif source.op_type == "ConvTranspose":
+        group = attributes.get("group", 1)
+        made = weight.shape[1] * group if group >= 1 and weight.shape[0] % group == 0 else None
+    else:
+        made = weight.shape[0] if attributes.get("transB", 0) else weight.shape[1]
+    wanted = constants[node.input[1]].size
+    bias = constants[source.input[2]] if len(source.input) > 2 and source.input[2] else None
+    if made != wanted:
+        raise ModelError(f"BatchNormalization {node_label(node)} has {wanted} channels, but the "
+                         f"weight {source.input[1]!r} of {source.op_type} {node_label(source)} "
+                         f"before it has shape {list(weight.shape)}; the model cannot run")
+    if bias is not None and bias.size not in (1, made):
+        raise ModelError(f"{source.op_type} {node_label(source)}: its bias {source.input[2]!r} "
+                         f"has shape {list(bias.shape)}, not [{made}]; the model cannot run")
 
 
 def _check_gemm(gemm: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str | None:
@@ -194,8 +233,9 @@ def _check_gemm(gemm: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str |
 
 
 def _fold(source: onnx.NodeProto, batch_norm: _BatchNorm, constants: dict[str, np.ndarray],
-          scope: NameScope, graph: onnx.GraphProto) -> onnx.NodeProto:
-    """A copy of `source` with `batch_norm` folded into fresh weight and bias tensors."""
+          scope: NameScope, graph: onnx.GraphProto) -> onnx.NodeProto | str:
+    """A copy of `source` with `batch_norm` folded into fresh weight and bias tensors, or the
+    reason it cannot be: folded values that the weight's dtype cannot hold."""
     weight = constants[source.input[1]]
     has_bias = len(source.input) > 2 and bool(source.input[2])
     bias = constants[source.input[2]].astype(np.float64) if has_bias else np.zeros(1)
@@ -212,14 +252,17 @@ def _fold(source: onnx.NodeProto, batch_norm: _BatchNorm, constants: dict[str, n
         new_weight = weight * (factor[:, None] if attributes.get("transB", 0) else factor[None, :])
         bias = attributes.get("beta", 1.0) * bias.reshape(-1)
     new_bias = (bias - batch_norm.mean) * factor + batch_norm.bias
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_weight = new_weight.astype(weight.dtype)
+        new_bias = np.broadcast_to(new_bias, factor.shape).astype(weight.dtype)
+    if np.all(np.isfinite(weight)) and not (np.all(np.isfinite(new_weight))
+                                            and np.all(np.isfinite(new_bias))):
+        return f"folding it overflows {weight.dtype} in the {source.op_type} weights or bias"
     base = source.name or source.op_type
     weight_name = scope.fresh(f"{base}_folded_weight")
     bias_name = scope.fresh(f"{base}_folded_bias")
-    graph.initializer.extend([
-        numpy_helper.from_array(new_weight.astype(weight.dtype), weight_name),
-        numpy_helper.from_array(np.broadcast_to(new_bias, factor.shape).astype(weight.dtype),
-                                bias_name),
-    ])
+    graph.initializer.extend([numpy_helper.from_array(new_weight, weight_name),
+                              numpy_helper.from_array(new_bias, bias_name)])
     folded = onnx.NodeProto()
     folded.CopyFrom(source)
     del folded.input[:], folded.output[:]

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from bnq.errors import ModelError
+from bnq.errors import ModelError, one_line
 
 MIN_OPSET = 7
 
@@ -25,11 +25,10 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     and its dynamo exporter a zero Conv bias as `Expand(CastLike(0), Shape(weight)[0:1])`)."""
     graph = model.graph
     graph_inputs = {value.name for value in graph.input}
-    types = {value.name: onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-             for value in [*graph.input, *graph.value_info]
-             if value.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED}
+    types = {value.name: dtype for value in [*graph.input, *graph.value_info]
+             if (dtype := numpy_dtype(value.type.tensor_type.elem_type)) is not None}
     values = {
-        tensor.name: numpy_helper.to_array(tensor)
+        tensor.name: tensor_array(tensor, f"initializer {tensor.name!r}")
         for tensor in graph.initializer
         if tensor.name not in graph_inputs  # an overridable default is not a constant
     }
@@ -44,7 +43,12 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             values[node.output[0]] = values[node.input[0]].astype(types[node.input[1]])
         elif (node.op_type in FOLDABLE_OPS and node.input
               and all(name in values for name in node.input if name)):
-            results = _evaluate(node, values, default_opset(model))
+            try:
+                results = _evaluate(node, values, default_opset(model))
+            except Exception as error:  # the reference evaluator raises whatever numpy raises
+                raise ModelError(f"node {node_label(node)}: its inputs are constants, but computing "
+                                 f"its output from them fails ({one_line(error)}); the model "
+                                 "cannot run") from error
             values.update(zip(node.output, results))
     return values
 
@@ -68,10 +72,29 @@ def _evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], opset: int) -
     return evaluator.run(None, {name: values[name] for name in inputs})
 
 
+def numpy_dtype(elem_type: int) -> np.dtype | None:
+    """The NumPy dtype of an ONNX element type; None for UNDEFINED or a number ONNX does not
+    define (which the checker lets through on graph inputs and outputs)."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except KeyError:
+        return None
+
+
+def tensor_array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
+    """The array a TensorProto holds; a ModelError naming `what` when its data does not decode
+    (data that does not fit its dims or type, which the ONNX checker lets through)."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as error:  # onnx raises ValueError, TypeError, KeyError...
+        raise ModelError(f"{what}: its data does not match its type and shape "
+                         f"{list(tensor.dims)} ({one_line(error)}); the model is corrupt") from error
+
+
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     attribute = node.attribute[0]
     if attribute.name == "value":
-        return numpy_helper.to_array(attribute.t)
+        return tensor_array(attribute.t, f"Constant node {node_label(node)}")
     if attribute.name == "sparse_value":
         raise ModelError(f"Constant node {node_label(node)} holds a sparse tensor, which bnq does not read")
     plain = onnx.helper.get_attribute_value(attribute)
@@ -161,5 +184,4 @@ def check(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{what} fails the ONNX checker: {first_line}") from error
+        raise ModelError(f"{what} fails the ONNX checker: {one_line(error)}") from error

@@ -20,12 +20,18 @@ an int is INT, a float FLOAT, a string STRING, a list of those INTS / FLOATS / S
 `{"array": KEY}` a TENSOR stored under KEY. Shapes list ints, strings (named dynamic dimensions)
 or null. `domain` defaults to the ONNX domain and `name` to none. Nodes of bnq's own domain get
 their function bodies attached when the model is read.
+
+A `.npz` is read without trusting it: every array's header is checked before its data is read (no
+object arrays, so nothing is unpickled; no more bytes than the member holds or than an ONNX model
+can, MAX_TENSOR_BYTES), and the description is checked against the schema field by field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import reprlib
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -38,13 +44,14 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from bnq import ops
-from bnq.errors import BnqError, ModelError
-from bnq.graph import MIN_OPSET, default_opset, node_label
+from bnq.errors import BnqError, ModelError, one_line
+from bnq.graph import MIN_OPSET, default_opset, node_label, numpy_dtype, tensor_array
 
 GRAPH_KEY = "__graph__"
 NPZ_FORMAT = "bnq.npz"
 NPZ_VERSION = 1
 MODEL_SUFFIXES = (".onnx", ".npz")
+MAX_TENSOR_BYTES = 2**31  # protobuf's limit: a larger tensor cannot be in a model at all
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -58,10 +65,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if opset < MIN_OPSET:
         raise ModelError(f"{path}: opset {opset} is older than {MIN_OPSET}, the oldest bnq reads; "
                          "upgrade it with onnx.version_converter")
+    # The full check (with shape inference) blames a broken input here, naming the file, rather
+    # than as a failure of the model bnq writes from it. Above 2 GiB the checker wants the path.
+    large = model.ByteSize() >= MAX_TENSOR_BYTES and path.suffix.lower() == ".onnx"
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as error:
-        raise ModelError(f"{path}: not a valid ONNX model: {_first_line(error)}") from error
+        onnx.checker.check_model(str(path) if large else model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
+        raise ModelError(f"{path}: not a valid ONNX model: {one_line(error)}") from error
     return model
 
 
@@ -81,8 +91,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any], *, overwrite: bo
     """Write a file through a temporary sibling and a rename, so readers never see half of it."""
     if path.exists() and not overwrite:
         raise BnqError(f"{path} already exists (use --force to overwrite it)")
-    if not path.parent.is_dir():
-        raise BnqError(f"{path}: the directory {path.parent} does not exist")
+    _check_directory(path)
     try:
         handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
     except OSError as error:
@@ -92,9 +101,19 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any], *, overwrite: bo
             write(handle)
         os.chmod(handle.name, 0o666 & ~_umask())  # as open() would have made it, not 0600
         os.replace(handle.name, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(handle.name)
+        if isinstance(error, OSError):  # a full disk, a directory in the way: nothing written
+            raise BnqError(f"{path}: cannot write it ({error.strerror or one_line(error)}); "
+                           "nothing was written") from error
         raise
+
+
+def _check_directory(path: Path) -> None:
+    if path.parent.exists() and not path.parent.is_dir():
+        raise BnqError(f"{path}: {path.parent} is a file, not a directory")
+    if not path.parent.is_dir():
+        raise BnqError(f"{path}: the directory {path.parent} does not exist")
 
 
 def _umask() -> int:
@@ -110,11 +129,13 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
     for source in inputs:
         if output.resolve() == Path(source).resolve():
             raise BnqError(f"{output}: the output would overwrite the input; choose another path")
+    if output.is_dir():
+        raise BnqError(f"{output} is a directory; give the output a file name ending in .onnx "
+                       "or .npz")
     if output.exists() and not overwrite:
         raise BnqError(f"{output} already exists (use --force to overwrite it)")
     _model_suffix(output)
-    if not output.parent.is_dir():
-        raise BnqError(f"{output}: the directory {output.parent} does not exist")
+    _check_directory(output)
     return output
 
 
@@ -126,16 +147,12 @@ def _model_suffix(path: Path) -> str:
     return suffix
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _read_onnx(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
-    except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as error:
-        raise ModelError(f"{path}: not an ONNX model ({_first_line(error)})") from error
+    except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError,
+            onnx.checker.ValidationError) as error:  # the last: external data outside the folder
+        raise ModelError(f"{path}: not an ONNX model ({one_line(error)})") from error
     if not model.HasField("graph") or not model.opset_import:
         raise ModelError(f"{path}: not an ONNX model (no graph or no opset)")
     return model
@@ -151,7 +168,8 @@ def to_npz_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     if foreign:
         raise ModelError(f"the model defines local functions ({', '.join(foreign)}) that the .npz "
                          "format cannot express; keep it as .onnx")
-    arrays = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    arrays = {tensor.name: tensor_array(tensor, f"initializer {tensor.name!r}")
+              for tensor in graph.initializer}
     nodes = []
     for index, node in enumerate(graph.node):
         entry: dict[str, Any] = {"op": node.op_type, "inputs": list(node.input),
@@ -183,7 +201,8 @@ def _attribute_to_json(node: onnx.NodeProto, index: int, attribute: onnx.Attribu
     kind = attribute.type
     if kind == onnx.AttributeProto.TENSOR:
         key = f"@{index}.{attribute.name}"
-        arrays[key] = numpy_helper.to_array(attribute.t)
+        arrays[key] = tensor_array(attribute.t, f"node {node_label(node)}: attribute "
+                                               f"{attribute.name!r}")
         return {"array": key}
     if kind in (onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS):
         value = helper.get_attribute_value(attribute)
@@ -206,22 +225,61 @@ def _value_to_json(value: onnx.ValueInfoProto) -> dict[str, Any]:
     if tensor_type.HasField("shape"):
         shape = [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
                  for dim in tensor_type.shape.dim]
-    dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-    return {"name": value.name, "dtype": dtype, "shape": shape}
+    dtype = numpy_dtype(tensor_type.elem_type)
+    if dtype is None or dtype.kind not in "biuf":
+        raise ModelError(f"graph input or output {value.name!r} has element type "
+                         f"{tensor_type.elem_type}, which the .npz format cannot hold (numeric "
+                         "tensors only); keep the model as .onnx")
+    return {"name": value.name, "dtype": dtype.name, "shape": shape}
+
+
+def read_npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from the header of a `.npy` stream, which is left at the
+    start of the data; ValueError when the stream is no `.npy` array. Reads no data."""
+    version = np.lib.format.read_magic(handle)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran, dtype = read_header(handle)
+    if any(dim < 0 for dim in shape):
+        raise ValueError(f"negative dimension in shape {list(shape)}")
+    return tuple(shape), fortran, dtype
 
 
 def _read_npz(path: Path) -> onnx.ModelProto:
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: not a .npz file (not a zip archive)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError as error:
-        if "allow_pickle" in str(error):
-            raise ModelError(f"{path}: holds a pickled object array, which bnq never loads; "
-                             "save plain numeric arrays") from error
-        raise ModelError(f"{path}: not a readable .npz file ({_first_line(error)})") from error
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise ModelError(f"{path}: not a .npz file ({_first_line(error)})") from error
+        with zipfile.ZipFile(path) as archive:
+            arrays = {info.filename.removesuffix(".npy"): _read_member(path, archive, info)
+                      for info in archive.infolist()}
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as error:
+        raise ModelError(f"{path}: not a readable .npz file ({one_line(error)})") from error
     return from_npz_arrays(arrays, source=str(path))
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One array of the archive, its header checked before any data is read: never an object
+    array (which would be unpickled), never more bytes than the member holds or a model can."""
+    where = f"{path}: array {info.filename.removesuffix('.npy')!r}"
+    with archive.open(info) as handle:
+        try:
+            shape, _, dtype = read_npy_header(handle)
+        except ValueError as error:
+            raise ModelError(f"{where} is not a NumPy array ({one_line(error)})") from error
+        if dtype.hasobject:
+            raise ModelError(f"{where} holds a pickled object array, which bnq never loads; "
+                             "save plain numeric arrays")
+        size = math.prod(shape) * dtype.itemsize
+        if size > MAX_TENSOR_BYTES:
+            raise ModelError(f"{where} declares shape {list(shape)} ({size} bytes), more than an "
+                             "ONNX model can hold (2 GiB); refusing")
+        if size > info.file_size - handle.tell():
+            raise ModelError(f"{where} is truncated: its header declares shape {list(shape)} "
+                             f"({size} bytes) but it holds fewer")
+    with archive.open(info) as handle:
+        return np.lib.format.read_array(handle, allow_pickle=False)
 
 
 def from_npz_arrays(arrays: dict[str, np.ndarray], source: str = "the .npz model") -> onnx.ModelProto:
@@ -234,24 +292,70 @@ def from_npz_arrays(arrays: dict[str, np.ndarray], source: str = "the .npz model
         raise ModelError(f"{source}: {GRAPH_KEY!r} must be a 0-d string array holding JSON")
     try:
         description = json.loads(str(raw))
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{source}: {GRAPH_KEY!r} is not valid JSON ({error})") from error
-    try:
-        return _model_from_description(description, arrays, source)
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ModelError(f"{source}: malformed graph description ({type(error).__name__}: "
-                         f"{error})") from error
-
-
-def _model_from_description(description: dict, arrays: dict[str, np.ndarray],
-                            source: str) -> onnx.ModelProto:
-    if description.get("format") != NPZ_FORMAT or description.get("version") != NPZ_VERSION:
-        raise ModelError(f"{source}: not a {NPZ_FORMAT} version {NPZ_VERSION} description")
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ModelError(f"{source}: {GRAPH_KEY!r} is not valid JSON ({one_line(error)})") from error
+    _check_description(description, source)
     for key, array in arrays.items():
         if array.dtype.kind not in "biuf":
             raise ModelError(f"{source}: array {key!r} has dtype {array.dtype}; "
                              "only numeric arrays are model tensors")
-    opset = int(description["opset"])
+    # ONNX stores little-endian; a big-endian array is the same numbers in another byte order
+    arrays = {key: array.astype(array.dtype.newbyteorder("=")) for key, array in arrays.items()}
+    return _model_from_description(description, arrays, source)
+
+
+def _is_list_of(kind: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(isinstance(v, kind) for v in value)
+
+
+def _is_shape(value: Any) -> bool:
+    return value is None or isinstance(value, list) and all(
+        dim is None or isinstance(dim, str) or (type(dim) is int and 0 <= dim < 2**63)
+        for dim in value)
+
+
+# field -> (required, test, what it must be), for the values and nodes of the description
+_VALUE_SCHEMA = {"name": (True, lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+                 "dtype": (True, lambda v: isinstance(v, str), "a NumPy dtype name"),
+                 "shape": (False, _is_shape, "null or a list of ints >= 0, strings or nulls")}
+_NODE_SCHEMA = {"op": (True, lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+                "inputs": (True, _is_list_of(str), "a list of strings"),
+                "outputs": (True, _is_list_of(str), "a list of strings"),
+                "name": (False, lambda v: isinstance(v, str), "a string"),
+                "domain": (False, lambda v: isinstance(v, str), "a string"),
+                "attrs": (False, lambda v: isinstance(v, dict), "an object")}
+
+
+def _check_description(description: Any, source: str) -> None:
+    """Refuse a description that does not follow the schema, naming the field at fault."""
+    def fail(what: str) -> None:
+        raise ModelError(f"{source}: malformed graph description in {GRAPH_KEY!r}: {what} "
+                         "(see the .npz format in the README)")
+
+    if not isinstance(description, dict):
+        fail("the JSON must be an object")
+    if description.get("format") != NPZ_FORMAT or description.get("version") != NPZ_VERSION:
+        raise ModelError(f"{source}: not a {NPZ_FORMAT} version {NPZ_VERSION} description")
+    opset, newest = description.get("opset"), onnx.defs.onnx_opset_version()
+    if type(opset) is not int or not 1 <= opset <= newest:
+        fail(f"'opset' must be an ONNX opset number from 1 to {newest}, not {reprlib.repr(opset)}")
+    for section, schema in (("inputs", _VALUE_SCHEMA), ("outputs", _VALUE_SCHEMA),
+                            ("nodes", _NODE_SCHEMA)):
+        entries = description.get(section)
+        if not isinstance(entries, list):
+            fail(f"{section!r} must be a list")
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                fail(f"{section}[{index}] must be an object")
+            for field, (required, test, shape) in schema.items():
+                if (required or field in entry) and not test(entry.get(field)):
+                    fail(f"{section}[{index}].{field} must be {shape}, not "
+                         f"{reprlib.repr(entry.get(field))}")
+
+
+def _model_from_description(description: dict, arrays: dict[str, np.ndarray],
+                            source: str) -> onnx.ModelProto:
+    opset = description["opset"]
     known = {value["name"] for value in description["inputs"]} | {
         key for key in arrays if not key.startswith("@")}
     nodes = []
@@ -276,8 +380,10 @@ def _model_from_description(description: dict, arrays: dict[str, np.ndarray],
             raise ModelError(f"{source}: graph output {value['name']!r} is produced by no node")
     initializers = [numpy_helper.from_array(array, key) for key, array in arrays.items()
                     if not key.startswith("@")]
-    graph = helper.make_graph(nodes, "bnq", [_value_from_json(v) for v in description["inputs"]],
-                              [_value_from_json(v) for v in description["outputs"]], initializers)
+    graph = helper.make_graph(nodes, "bnq",
+                              [_value_from_json(v, source) for v in description["inputs"]],
+                              [_value_from_json(v, source) for v in description["outputs"]],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="bnq")
     return ops.attach_functions(model)
@@ -296,7 +402,10 @@ def _known_op(op: str, domain: str, opset: int) -> bool:
 def _attribute_from_json(name: str, value: Any, arrays: dict[str, np.ndarray], source: str,
                          label: str) -> onnx.AttributeProto:
     if isinstance(value, dict):
-        key = value["array"]
+        key = value.get("array")
+        if list(value) != ["array"] or not isinstance(key, str):
+            raise ModelError(f"{source}: node {label}: attribute {name!r} = {reprlib.repr(value)}: a tensor "
+                             "attribute is written {\"array\": KEY}")
         if key not in arrays:
             raise ModelError(f"{source}: node {label} refers to array {key!r}, which is not in the file")
         return helper.make_attribute(name, numpy_helper.from_array(arrays[key]))
@@ -305,10 +414,18 @@ def _attribute_from_json(name: str, value: Any, arrays: dict[str, np.ndarray], s
     try:
         return helper.make_attribute(name, value)
     except (TypeError, ValueError) as error:
-        raise ModelError(f"{source}: node {label}: attribute {name!r} = {value!r} is not a number, "
+        raise ModelError(f"{source}: node {label}: attribute {name!r} = {reprlib.repr(value)} is not a number, "
                          "string, list of them or {\"array\": KEY}") from error
 
 
-def _value_from_json(value: dict[str, Any]) -> onnx.ValueInfoProto:
-    elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(value["dtype"]))
+def _value_from_json(value: dict[str, Any], source: str) -> onnx.ValueInfoProto:
+    try:
+        dtype = np.dtype(value["dtype"])
+        if dtype.kind not in "biuf":
+            raise TypeError(f"{dtype} is not a numeric dtype")
+        elem_type = helper.np_dtype_to_tensor_dtype(dtype)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{source}: graph input or output {value['name']!r}: dtype "
+                         f"{value['dtype']!r} is not a numeric tensor type ({one_line(error)})") \
+            from error
     return helper.make_tensor_value_info(value["name"], elem_type, value.get("shape"))
