@@ -23,6 +23,7 @@ samples.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ from bnq.graph import (NameScope, check, constant_values, consumers, default_ops
                        output_names, with_outputs)
 from bnq.machine import IntegerFormats
 from bnq.observers import QuantParams, make_observer, quantize, weight_qparams
+from bnq.qops import fast_output_scale
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -292,7 +294,7 @@ def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams
             emit_qdq(value.name)
     for node in graph.node:
         if node.domain == ops.DOMAIN and node.op_type == "BatchNormRelu":
-            _emit_batch_norm(build, node, plan, qparams)
+            _emit_batch_norm(build, node, plan, qparams, constants)
             continue
         source = node.input[0] if node.input else ""
         node = _copy_renamed(node, rename)
@@ -335,7 +337,7 @@ def _copy_renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProt
 
 
 def _emit_batch_norm(build: _Builder, node: onnx.NodeProto, plan: _Plan,
-                     qparams: dict[str, QuantParams]) -> None:
+                     qparams: dict[str, QuantParams], constants: dict[str, np.ndarray]) -> None:
     """QLinearBatchNormRelu on integer codes of the input, then DequantizeLinear for readers."""
     x = node.input[0]
     if x in plan.concat_sources:
@@ -344,6 +346,11 @@ def _emit_batch_norm(build: _Builder, node: onnx.NodeProto, plan: _Plan,
         build.quantize(x, qparams[x])
     codes, x_scale, x_zero_point = build.codes[x]
     y, q = node.output[0], qparams[node.output[0]]
+    epsilon = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"),
+                   1e-5)
+    scale = fast_output_scale(x_scale, x_zero_point, *(constants[name] for name in node.input[1:5]),
+                              float(np.float32(epsilon)), q.scale, q.zero_point)
+    q = qparams[y] = dataclasses.replace(q, scale=np.asarray(scale, np.float32))
     inputs = [codes, build.constant(f"{x}_scale", x_scale),
               build.constant(f"{x}_zero_point", x_zero_point), *node.input[1:5],
               build.constant(f"{y}_scale", q.scale), build.constant(f"{y}_zero_point", q.zero_point)]

@@ -163,19 +163,23 @@ def qlinear_bn_relu_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
                                 [helper.make_opsetid("", opset)], attributes=["epsilon"])
 
 
-def double_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
-    """The fast body of `bnq.QLinearBatchNormRelu`: the formula evaluated per element in double,
+def direct_function(opset: int = MIN_OPSET, precision: str = "double") -> onnx.FunctionProto:
+    """A fast body of `bnq.QLinearBatchNormRelu`: the formula evaluated per element,
 
         d = DequantizeLinear(X, 1, X_zero_point)                 # exact small integers
-        v = float32(BatchNormalization(double(d), alpha, beta, mean=0, var=1, epsilon=0))
-        Y = QuantizeLinear(Relu(v), 1, Y_zero_point)
+        v = BatchNormalization(d, alpha, beta, mean=0, var=1, epsilon=0)   # alpha * d + beta
+        Y = QuantizeLinear(Relu(float32(v)), 1, Y_zero_point)
 
-    i.e. `float32(round64(alpha * d + beta))` (the product is exact in double, so an FMA or not
-    gives the same). It equals PyTorch's single-rounding float32 FMA except where the double sum
-    lands exactly halfway between two float32 values: `double_body_is_exact` checks that, for
-    every channel and input code, before a model gets this body."""
+    in `precision` "double" or "float". In double the product is exact, so the result is
+    `float32(round64(alpha * d + beta))`, PyTorch's single-rounding FMA except where the double
+    sum lands exactly halfway between two float32 values. In float it is the FMA itself where a
+    runtime contracts BatchNormalization's multiply-add (always exact), and
+    `float32(float32(alpha * d) + beta)` where it does not (onnxruntime 1.32 on x86-64), which
+    differs from the FMA near rounding ties. `direct_body_is_exact` checks a parameter set
+    against the exact table for every channel and input code before a model gets such a body."""
     _check_opset(opset)
-    D, F = TensorProto.DOUBLE, TensorProto.FLOAT
+    F = TensorProto.FLOAT
+    T = TensorProto.DOUBLE if precision == "double" else F
     n = helper.make_node
 
     def filled(name: str, dtype: int, value: float) -> onnx.NodeProto:
@@ -184,15 +188,15 @@ def double_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
 
     nodes = _fused_params() + [
         n("Shape", ["scale"], ["channels"]),
-        filled("ones", F, 1.0), filled("ones_d", D, 1.0), filled("zeros_d", D, 0.0),
+        filled("ones", F, 1.0), filled("ones_t", T, 1.0), filled("zeros_t", T, 0.0),
         n("Expand", ["X_zero_point", "channels"], ["x_zero_points"]),
         n("DequantizeLinear", ["X", "ones", "x_zero_points"], ["d"], axis=1),
-        n("Cast", ["d"], ["d_d"], to=D),
-        n("Cast", ["alpha"], ["alpha_dd"], to=D),
-        n("Cast", ["beta"], ["beta_dd"], to=D),
-        n("BatchNormalization", ["d_d", "alpha_dd", "beta_dd", "zeros_d", "ones_d"], ["v_d"],
+        n("Cast", ["d"], ["d_t"], to=T),
+        n("Cast", ["alpha"], ["alpha_t"], to=T),
+        n("Cast", ["beta"], ["beta_t"], to=T),
+        n("BatchNormalization", ["d_t", "alpha_t", "beta_t", "zeros_t", "ones_t"], ["v_t"],
           epsilon=0.0),
-        n("Cast", ["v_d"], ["v"], to=F),
+        n("Cast", ["v_t"], ["v"], to=F),
         n("Relu", ["v"], ["v_relu"]),
         n("QuantizeLinear", ["v_relu", "one_f", "Y_zero_point"], ["Y"]),
     ]
@@ -200,36 +204,69 @@ def double_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
                                 [helper.make_opsetid("", opset)], attributes=["epsilon"])
 
 
-def double_body_is_exact(plan: BnReluPlan, x_zero_point, y_zero_point) -> bool:
-    """Whether `double_function` gives `plan`'s exact table for every channel and input code."""
+def direct_body_is_exact(plan: BnReluPlan, x_zero_point, y_zero_point,
+                         precision: str = "double") -> bool:
+    """Whether `direct_function(precision=...)` gives `plan`'s exact table for every channel
+    and input code."""
     d = input_offsets(np.broadcast_to(x_zero_point, (plan.channels,)), plan.in_dtype)
-    v = (d * plan.alpha.astype(np.float64)[:, None]
-         + plan.beta.astype(np.float64)[:, None]).astype(np.float32)
+    kind = np.float64 if precision == "double" else np.float32
+    v = (d.astype(kind) * plan.alpha.astype(kind)[:, None]
+         + plan.beta.astype(kind)[:, None]).astype(np.float32)
     y = output_codes(v, int(np.asarray(y_zero_point).reshape(())), plan.out_dtype)
     return bool(np.array_equal(y, plan.table))
 
 
+def fast_output_scale(x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale,
+                      y_zero_point, *, steps: int = 64) -> np.float32:
+    """`y_scale`, or the float32 nearest to it (within `steps` ulps either way, a relative change
+    below 1e-5) for which the float body is exact: a calibrator's output scale is a choice, and
+    this one lets onnxruntime run the node at float32 speed, still bit-exact with PyTorch."""
+    y_scale = np.float32(y_scale)
+    candidates = [y_scale]
+    up = down = y_scale
+    for _ in range(steps):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        candidates += [up, down]
+    for candidate in candidates:
+        plan = BnReluPlan(x_scale, x_zero_point, weight, bias, mean, var, eps, candidate,
+                          y_zero_point, in_dtype=np.asarray(x_zero_point).dtype,
+                          out_dtype=np.asarray(y_zero_point).dtype)
+        if direct_body_is_exact(plan, x_zero_point, y_zero_point, "float"):
+            return candidate
+    return y_scale
+
+
+def node_plan(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> BnReluPlan | None:
+    """The kernel plan of a QLinearBatchNormRelu node whose parameters are constants."""
+    if not all(name in constants for name in node.input[1:]):
+        return None
+    x_scale, x_zp, weight, bias, mean, var, y_scale, y_zp = (constants[name]
+                                                            for name in node.input[1:])
+    epsilon = next((helper.get_attribute_value(a) for a in node.attribute
+                    if a.name == "epsilon"), 1e-5)
+    return BnReluPlan(x_scale, x_zp, weight, bias, mean, var, float(np.float32(epsilon)),
+                      y_scale.reshape(()), y_zp.reshape(()), in_dtype=x_zp.dtype,
+                      out_dtype=y_zp.dtype)
+
+
 def function_for(model: onnx.ModelProto) -> onnx.FunctionProto:
-    """The body `model` gets: the fast double body when it is exact for every one of the model's
-    QLinearBatchNormRelu nodes (checked over all channels and input codes), else the table body.
-    Parameters that are not constants cannot be checked and get the table body."""
+    """The body `model` gets: the fastest direct body ("float", then "double") that is exact for
+    every one of the model's QLinearBatchNormRelu nodes (checked over all channels and input
+    codes), else the table body, which is exact for any parameters (and for parameters that are
+    not constants, which cannot be checked)."""
     opset = default_opset(model)
     constants = constant_values(model)
+    checks = []
     for node in model.graph.node:
-        if node.domain != DOMAIN or node.op_type != OP_TYPE:
-            continue
-        if not all(name in constants for name in node.input[1:]):
-            return qlinear_bn_relu_function(opset)
-        x_scale, x_zp, weight, bias, mean, var, y_scale, y_zp = (constants[name]
-                                                                for name in node.input[1:])
-        epsilon = next((helper.get_attribute_value(a) for a in node.attribute
-                        if a.name == "epsilon"), 1e-5)
-        plan = BnReluPlan(x_scale, x_zp, weight, bias, mean, var, float(np.float32(epsilon)),
-                          y_scale.reshape(()), y_zp.reshape(()), in_dtype=x_zp.dtype,
-                          out_dtype=y_zp.dtype)
-        if not double_body_is_exact(plan, x_zp, y_zp):
-            return qlinear_bn_relu_function(opset)
-    return double_function(opset)
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            plan = node_plan(node, constants)
+            if plan is None:
+                return qlinear_bn_relu_function(opset)
+            checks.append((plan, constants[node.input[2]], constants[node.input[8]]))
+    for precision in ("float", "double"):
+        if all(direct_body_is_exact(*check, precision) for check in checks):
+            return direct_function(opset, precision)
+    return qlinear_bn_relu_function(opset)
 
 
 class QLinearBatchNormRelu(OpRun):
