@@ -35,8 +35,8 @@ from bnq import ops
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, ModelError
 from bnq.fusion import FuseReport, fuse
-from bnq.graph import (NameScope, check, constant_values, consumers, default_opset, op_counts,
-                       output_names, with_outputs)
+from bnq.graph import (NameScope, check, constant_values, consumers, default_opset, node_label,
+                       op_counts, output_names, with_outputs)
 from bnq.machine import IntegerFormats
 from bnq.observers import QuantParams, make_observer, quantize, weight_qparams
 from bnq.qops import fast_output_scale
@@ -99,6 +99,11 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
         raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
     if num_samples is not None and num_samples < 1:
         raise ArgumentError(f"the number of samples must be at least 1, got {num_samples}")
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and any(
+                a.name == "training_mode" and a.i for a in node.attribute):
+            raise ModelError(f"BatchNormalization {node_label(node)}: training_mode=1 makes its "
+                             "output depend on the batch; export the model in eval mode")
     fused, fusion = fuse(_upgrade(model))
     plan = _plan(fused)
     activation = np.dtype(formats.activation)

@@ -129,11 +129,12 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
     reference_names = {name for node in reference.graph.node for name in node.output}
     fused = [f for f in _fused_nodes(quantized) if f.tensor in reference_names]
     probes = [f.tensor for f in fused]
-    run_reference = make_runner(with_outputs(reference, probes), "onnxruntime")
+    reference_probe = with_outputs(reference, probes)
+    run_reference = _by_name(make_runner(reference_probe, "onnxruntime"), reference_probe)
     primary = "onnxruntime" if backend == "both" else backend
     codes = [name for f in fused for name in (f.node.input[0], f.node.output[0])]
-    run_quantized = make_runner(
-        with_outputs(quantized, probes + (codes if backend == "both" else [])), primary)
+    quantized_probe = with_outputs(quantized, probes + (codes if backend == "both" else []))
+    run_quantized = _by_name(make_runner(quantized_probe, primary), quantized_probe)
     kernels = _node_kernels(quantized, fused) if backend == "both" else None
     labelled = labels is not None and data.has(labels)
     output_sums = [_Sums() for _ in outputs]
@@ -145,20 +146,26 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
         truth = batch.pop(labels) if labelled else None
         expected = run_reference(batch)
         actual = run_quantized(batch)
-        for sums, a, b in zip(output_sums, expected, actual):
-            sums.add(a, b)
-        for index, sums in enumerate(node_sums):
-            sums.add(expected[len(outputs) + index], actual[len(outputs) + index])
+        for name, sums in zip(outputs, output_sums):
+            if expected[name].shape != actual[name].shape:
+                raise DataError(f"output {name!r} has shape {list(actual[name].shape)} in the "
+                                f"quantized model but {list(expected[name].shape)} in the "
+                                "reference: is it the quantized version of it?")
+            sums.add(expected[name], actual[name])
+        for f, sums in zip(fused, node_sums):
+            sums.add(expected[f.tensor], actual[f.tensor])
         if kernels is not None:
-            start = len(outputs) + len(fused)
-            for index, kernel in enumerate(kernels):
-                x_codes, y_codes = actual[start + 2 * index], actual[start + 2 * index + 1]
-                diff = np.abs(kernel(x_codes).astype(np.int32) - y_codes.astype(np.int32))
+            for index, (f, kernel) in enumerate(zip(fused, kernels)):
+                diff = np.abs(kernel(actual[f.node.input[0]]).astype(np.int32)
+                              - actual[f.node.output[0]].astype(np.int32))
                 lsb[index] = max(lsb[index], int(diff.max(initial=0)))
-        top_expected, top_actual = _top1(expected[0]), _top1(actual[0])
+        top_expected, top_actual = _top1(expected[outputs[0]]), _top1(actual[outputs[0]])
         agree += int(np.sum(top_expected == top_actual))
         if truth is not None:
-            truth = np.asarray(truth).reshape(-1)
+            if truth.dtype.kind not in "iu":
+                raise DataError(f"{data.path}: {labels!r} holds {truth.dtype} values; labels "
+                                "must be integer class indices")
+            truth = truth.reshape(-1)
             if truth.shape != top_expected.shape:
                 raise DataError(f"{labels!r} holds {truth.size} labels for a batch of "
                                 f"{top_expected.size} samples")
@@ -181,6 +188,12 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
         top1_agreement=agree / samples, sqnr_db=metrics[0].sqnr_db, cosine=metrics[0].cosine,
         max_abs_error=metrics[0].max_abs_error, outputs=metrics, per_node=per_node,
         backend_max_lsb_diff=max(lsb, default=0) if kernels is not None else None)
+
+
+def _by_name(run: Callable, model: onnx.ModelProto) -> Callable[[dict], dict[str, np.ndarray]]:
+    """`run`, returning its outputs by tensor name."""
+    names = [value.name for value in model.graph.output]
+    return lambda feeds: dict(zip(names, run(feeds)))
 
 
 def _top1(output: np.ndarray) -> np.ndarray:

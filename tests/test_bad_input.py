@@ -394,8 +394,6 @@ def test_training_mode_bn_is_kept_with_its_reason(work):
     onnx.checker.check_model(onnx.load(work / "fused.onnx"), full_check=True)
 
 
-@pytest.mark.xfail(strict=True, reason="calibrate.py quantizes around a training-mode "
-                   "BatchNormalization, whose output depends on the batch, instead of refusing")
 def test_calibrating_a_training_mode_bn_fails_clearly(work):
     onnx.save(training_model(), work / "train.onnx")
     line = assert_fails_cleanly(work, ["calibrate", work / "train.onnx", "-d", work / "good.npy",
@@ -554,9 +552,6 @@ def test_a_single_sample_works(work):
                   "--backend", "both"])
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate.py indexes probe outputs by position, but "
-                   "with_outputs does not add a fused node's tensor that is already a graph "
-                   "output: IndexError")
 def test_evaluate_a_model_whose_fused_node_is_the_output(work):
     onnx.save(small_model(head=False), work / "bare.onnx")
     assert_works(["calibrate", work / "bare.onnx", "-d", work / "good.npy", "-o",
@@ -572,17 +567,12 @@ def test_bad_labels(work):
     assert "15 labels for a batch of 5" in line
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate.py compares string labels with class indices "
-                   "and reports 0% accuracy instead of refusing them")
 def test_string_labels_are_refused(work):
     np.savez(work / "str.npz", x=samples(5), labels=np.array(["cat"] * 5))
     assert_fails_cleanly(work, ["evaluate", work / "quantized.onnx", "-r", work / "good.onnx",
                                 "-d", work / "str.npz"], ("str.npz", "'labels'"))
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate.py compares outputs of different shapes "
-                   "element by element: internal error (ValueError: operands could not be "
-                   "broadcast)")
 def test_outputs_of_different_shapes_are_refused(work):
     model = small_model(head=False)
     model.graph.node[-1].output[0] = "y"  # same output name as good.onnx, another shape
