@@ -192,8 +192,14 @@ def to_npz_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     }
     if GRAPH_KEY in arrays:
         raise ModelError(f"the model has a tensor named {GRAPH_KEY!r}, which the .npz format reserves")
-    arrays[GRAPH_KEY] = np.array(json.dumps(description, indent=1))
+    arrays[GRAPH_KEY] = np.array(json.dumps(description, indent=1, default=_not_utf8))
     return arrays
+
+
+def _not_utf8(value: Any) -> None:
+    """json.dumps' fallback: protobuf hands out a name that is not valid UTF-8 as bytes."""
+    raise ModelError(f"the model has a name that is not valid UTF-8 ({reprlib.repr(value)}), "
+                     "which the .npz format cannot hold; keep the model as .onnx")
 
 
 def _attribute_to_json(node: onnx.NodeProto, index: int, attribute: onnx.AttributeProto,
@@ -210,10 +216,15 @@ def _attribute_to_json(node: onnx.NodeProto, index: int, attribute: onnx.Attribu
     if kind in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS):
         return helper.get_attribute_value(attribute) if kind == onnx.AttributeProto.INT else \
             list(helper.get_attribute_value(attribute))
-    if kind == onnx.AttributeProto.STRING:
-        return attribute.s.decode()
-    if kind == onnx.AttributeProto.STRINGS:
-        return [s.decode() for s in attribute.strings]
+    try:
+        if kind == onnx.AttributeProto.STRING:
+            return attribute.s.decode()
+        if kind == onnx.AttributeProto.STRINGS:
+            return [s.decode() for s in attribute.strings]
+    except UnicodeDecodeError as error:
+        raise ModelError(f"node {node_label(node)}: attribute {attribute.name!r} is not valid "
+                         "UTF-8, which the .npz format cannot hold; keep the model as .onnx") \
+            from error
     raise ModelError(f"node {node_label(node)}: attribute {attribute.name!r} of type "
                      f"{onnx.AttributeProto.AttributeType.Name(kind)} cannot be written to .npz; "
                      "keep the model as .onnx")

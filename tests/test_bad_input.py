@@ -441,6 +441,15 @@ def test_folding_that_would_overflow_keeps_the_bn(work):
     assert all(np.all(np.isfinite(numpy_helper.to_array(t))) for t in fused.graph.initializer)
 
 
+def test_names_that_are_not_utf8_fuse_to_onnx_but_not_to_npz(work):
+    """Found by the fuzzer: protobuf hands such a name out as bytes, which JSON cannot hold."""
+    raw = small_model().SerializeToString().replace(b"relu0", b"\x80elu0", 1)
+    (work / "latin.onnx").write_bytes(raw)
+    assert_works(["fuse", work / "latin.onnx", "-o", work / "f.onnx"])
+    assert_fails_cleanly(work, ["fuse", work / "latin.onnx", "-o", work / "f.npz"],
+                         ("not valid UTF-8", "elu0"))
+
+
 def test_an_input_without_a_tensor_type_is_refused_by_the_data_commands(work):
     model = small_model()  # an unused input: the checker's type inference never sees it
     model.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.UNDEFINED, [1]))

@@ -4,8 +4,10 @@ Valid small models (a hand-built Conv / BatchNormalization / Relu graph and the 
 `samples/digits_cnn.onnx`) are mutated three ways, and each mutant goes through `bnq fuse`:
 
 * bytes of the `.onnx` file: flipped, truncated, inserted, deleted;
-* the ONNX structure: a node input dropped, an attribute's type changed, an initializer deleted,
-  a tensor's dtype or dims changed, an output renamed, the opset changed, nodes reordered;
+* the ONNX structure: a node input dropped, an attribute's type changed or one added, an
+  initializer deleted or made a graph input, a tensor's dtype, dims or values changed (NaN,
+  negative or zero BN statistics), an output renamed or added, the opset changed, nodes
+  reordered, retyped or duplicated;
 * `.npz` models: the JSON graph description (a field deleted or replaced by another JSON value)
   and the arrays (dropped, retyped, reshaped).
 
@@ -126,15 +128,32 @@ def check(path: Path, data: bytes) -> None:
     assert path.read_bytes() == data  # the input is never touched
 
 
+class Mutant(bytes):
+    """A mutated file, shown in hypothesis' reports by how it was made, not by its bytes."""
+
+    how: str = ""
+
+    def __repr__(self) -> str:
+        return f"Mutant({self.how}, {len(self)} bytes)"
+
+
+def mutant(data: bytes, how: list) -> Mutant:
+    made = Mutant(data)
+    made.how = " + ".join(map(str, how))
+    return made
+
+
 # ---------------------------------------------------------------------------------------------
 # byte mutations
 
 @st.composite
 def byte_mutants(draw) -> bytes:
-    data = bytearray(BASE_BYTES[draw(st.sampled_from(sorted(BASE_BYTES)))])
+    base = draw(st.sampled_from(sorted(BASE_BYTES)))
+    data, how = bytearray(BASE_BYTES[base]), [base]
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "set"]))
         at = draw(st.integers(0, max(len(data) - 1, 0)))
+        how.append(f"{kind}@{at}")
         if kind == "flip" and data:
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif kind == "set" and data:
@@ -145,7 +164,7 @@ def byte_mutants(draw) -> bytes:
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         else:
             del data[at:at + draw(st.integers(1, 64))]
-    return bytes(data)
+    return mutant(bytes(data), how)
 
 
 @FUZZ
@@ -263,18 +282,56 @@ def _duplicate_node(model, draw):
     model.graph.node.append(node)
 
 
-MUTATIONS = [_drop_node_input, _change_attribute_type, _add_attribute, _delete_initializer,
-             _change_initializer, _change_value_type, _rename_output, _change_opset,
-             _reorder_nodes, _change_op, _duplicate_node]
+def _initializer_to_input(model, draw):
+    """A parameter becomes an overridable default (also a graph input) or a plain input."""
+    if not model.graph.initializer:
+        return
+    index = draw(st.integers(0, len(model.graph.initializer) - 1))
+    tensor = model.graph.initializer[index]
+    model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                           list(tensor.dims)))
+    if draw(st.booleans()):
+        del model.graph.initializer[index]
+
+
+def _expose_tensor(model, draw):
+    """An intermediate tensor becomes a graph output too: a second reader of it."""
+    node = draw(st.sampled_from(list(model.graph.node)))
+    if node.output and node.output[0] not in {v.name for v in model.graph.output}:
+        model.graph.output.append(helper.make_tensor_value_info(node.output[0],
+                                                                TensorProto.FLOAT, None))
+
+
+def _change_bn_statistics(model, draw):
+    """BatchNormalization parameters the checker accepts but arithmetic may not."""
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    constants = {t.name: t for t in model.graph.initializer}
+    if not bns:
+        return
+    name = draw(st.sampled_from(list(draw(st.sampled_from(bns)).input[1:5])))
+    if name in constants:
+        array = numpy_helper.to_array(constants[name]).copy()
+        array[draw(st.integers(0, array.size - 1))] = draw(st.sampled_from(
+            [0.0, -1.0, np.nan, np.inf, 1e38, 1e-38, -0.0]))
+        constants[name].CopyFrom(numpy_helper.from_array(array, name))
+
+
+# checker-clean mutations first: shrinking tries earlier list entries first
+MUTATIONS = [_change_bn_statistics, _initializer_to_input, _expose_tensor, _add_attribute,
+             _change_initializer, _drop_node_input, _change_attribute_type, _delete_initializer,
+             _change_value_type, _rename_output, _change_opset, _reorder_nodes, _change_op,
+             _duplicate_node]
 
 
 @st.composite
 def structural_mutants(draw) -> bytes:
+    base = draw(st.sampled_from(sorted(BASES)))
     model = onnx.ModelProto()
-    model.CopyFrom(BASES[draw(st.sampled_from(sorted(BASES)))])
-    for mutation in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3)):
+    model.CopyFrom(BASES[base])
+    mutations = draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=2))
+    for mutation in mutations:
         mutation(model, draw)
-    return model.SerializeToString()
+    return mutant(model.SerializeToString(), [base, *(m.__name__ for m in mutations)])
 
 
 @FUZZ
@@ -309,11 +366,13 @@ def _paths(value, prefix=()):
 
 @st.composite
 def npz_mutants(draw) -> bytes:
-    arrays = dict(NPZ_BASES[draw(st.sampled_from(sorted(NPZ_BASES)))])
+    base = draw(st.sampled_from(sorted(NPZ_BASES)))
+    arrays, how = dict(NPZ_BASES[base]), [base]
     graph = json.loads(str(arrays["__graph__"]))
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["json-replace", "json-delete", "array-drop", "array-dtype",
                                      "array-shape"]))
+        how.append(kind)
         keys = sorted(k for k in arrays if k != "__graph__")
         if kind.startswith("json"):
             path = draw(st.sampled_from(list(_paths(graph))[1:]))
@@ -339,7 +398,7 @@ def npz_mutants(draw) -> bytes:
     arrays["__graph__"] = np.array(json.dumps(graph))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    return mutant(buffer.getvalue(), how)
 
 
 @FUZZ
