@@ -170,13 +170,19 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> number of nodes in the main graph, sorted by name."""
     counts: dict[str, int] = defaultdict(int)
     for node in model.graph.node:
-        counts[node.op_type] += 1
+        counts[text(node.op_type)] += 1
     return dict(sorted(counts.items()))
+
+
+def text(name: str | bytes) -> str:
+    """A name for reports and messages: protobuf hands out a string that is not valid UTF-8 as
+    bytes, which reports (str fields) must not carry."""
+    return name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name
 
 
 def node_label(node: onnx.NodeProto) -> str:
     """How messages and reports name a node: its name, or its type and first output."""
-    return node.name or f"{node.op_type}({node.output[0]})"
+    return text(node.name) or f"{text(node.op_type)}({text(node.output[0])})"
 
 
 def check(model: onnx.ModelProto, what: str) -> None:

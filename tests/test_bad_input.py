@@ -443,9 +443,13 @@ def test_folding_that_would_overflow_keeps_the_bn(work):
 
 def test_names_that_are_not_utf8_fuse_to_onnx_but_not_to_npz(work):
     """Found by the fuzzer: protobuf hands such a name out as bytes, which JSON cannot hold."""
-    raw = small_model().SerializeToString().replace(b"relu0", b"\x80elu0", 1)
+    raw = small_model().SerializeToString()
+    raw = raw.replace(b"relu0", b"\x80elu0", 1).replace(b"\x1a\x02bn", b"\x1a\x02\xffn", 1)
     (work / "latin.onnx").write_bytes(raw)
-    assert_works(["fuse", work / "latin.onnx", "-o", work / "f.onnx"])
+    assert "\\xffn" in assert_works(["fuse", work / "latin.onnx", "-o", work / "f.onnx"]).stdout
+    report = json.loads(assert_works(["fuse", work / "latin.onnx", "-o", work / "g.onnx",
+                                      "--json"]).stdout)
+    assert report["actions"][0]["node"] == "\\xffn"
     assert_fails_cleanly(work, ["fuse", work / "latin.onnx", "-o", work / "f.npz"],
                          ("not valid UTF-8", "elu0"))
 
