@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnq.errors import ArgumentError
 from bnq.kernels import BnReluPlan
 from bnq.machine import Machine, describe
-from bnq.runtime import make_runner
+from bnq.runtime import make_runner, ort_session
 from bnq.ops import DOMAIN
 from bnq import ops
 from bnq.qops import MIN_OPSET, OP_TYPE
@@ -104,13 +104,7 @@ def _ort_model(p, rank, fused: bool) -> onnx.ModelProto:
 
 
 def _ort_runner(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(model, threads)
     return lambda x: session.run(None, {"X": x})[0]
 
 

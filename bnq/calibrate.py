@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper, version_converter
 
 from bnq import ops
@@ -40,6 +39,7 @@ from bnq.graph import (NameScope, check, constant_values, consumers, default_ops
 from bnq.machine import IntegerFormats
 from bnq.observers import QuantParams, make_observer, quantize, weight_qparams
 from bnq.qops import fast_output_scale
+from bnq.runtime import ort_session
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -100,10 +100,10 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     if num_samples is not None and num_samples < 1:
         raise ArgumentError(f"the number of samples must be at least 1, got {num_samples}")
     for node in model.graph.node:
-        if node.op_type == "BatchNormalization" and any(
-                a.name == "training_mode" and a.i for a in node.attribute):
-            raise ModelError(f"BatchNormalization {node_label(node)}: training_mode=1 makes its "
-                             "output depend on the batch; export the model in eval mode")
+        if node.op_type == "BatchNormalization" and (any(node.output[1:]) or any(
+                a.name == "training_mode" and a.i for a in node.attribute)):
+            raise ModelError(f"BatchNormalization {node_label(node)} is in training mode (its "
+                             "output depends on the batch); export the model in eval mode")
     fused, fusion = fuse(_upgrade(model))
     plan = _plan(fused)
     activation = np.dtype(formats.activation)
@@ -225,10 +225,7 @@ def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_si
              num_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Run the float model over the data with every observed tensor as an extra output."""
     probe = with_outputs(model, list(observers))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(probe, basic=True)  # float values as the model computes them
     names = list(observers)
     samples = batches = 0
     for batch in data.batches(batch_size, num_samples):

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -95,12 +96,28 @@ def _data_options(function):
     return function
 
 
+def _report_text(as_json: bool, payload: Callable[[], Any], render: Callable[[], None]) -> str:
+    """The report as text, made before an output file is written, so that nothing can fail
+    between writing the file and telling the user about it."""
+    if as_json:
+        return _json_text(payload()) + "\n"
+    with out.capture() as capture:
+        render()
+    return capture.get()
+
+
+def _json_text(value: Any) -> str:
+    """Strict JSON: a non-finite number (an SQNR of identical outputs) becomes null."""
+    return json.dumps(_finite(value), indent=2, default=_json_default, allow_nan=False)
+
+
 def _print_json(value: Any) -> None:
-    """Strict JSON on stdout: a non-finite number (an SQNR of identical outputs) becomes null."""
-    click.echo(json.dumps(_finite(value), indent=2, default=_json_default, allow_nan=False))
+    click.echo(_json_text(value))
 
 
 def _finite(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _finite(dataclasses.asdict(value))
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     if isinstance(value, dict):
@@ -132,13 +149,14 @@ def fuse_command(model: Path, output: Path, force: bool, as_json: bool) -> None:
     reason. The output runs in stock onnxruntime."""
     check_output_path(output, [model], overwrite=force)
     fused, report = fuse(load_model(model))
+    text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
+                                          "folded": report.count("folded"),
+                                          "fused": report.count("fused"),
+                                          "kept": report.count("kept"),
+                                          **dataclasses.asdict(report)},
+                        lambda: _render_fuse(model, output, report))
     save_model(fused, output, overwrite=force)
-    if as_json:
-        _print_json({"model": str(model), "output": str(output), "folded": report.count("folded"),
-                     "fused": report.count("fused"), "kept": report.count("kept"),
-                     **dataclasses.asdict(report)})
-    else:
-        _render_fuse(model, output, report)
+    click.echo(text, nl=False)
 
 
 def _render_fuse(model: Path, output: Path, report: FuseReport) -> None:
@@ -162,8 +180,8 @@ def _render_fuse(model: Path, output: Path, report: FuseReport) -> None:
         out.print(f"{report.count('folded')} folded, {report.count('fused')} fused, "
                   f"{report.count('kept')} kept; wrote {output}")
     else:
-        out.print(f"nothing to fuse: {model} has no BatchNormalization; wrote an unchanged copy "
-                  f"to {output}")
+        out.print(f"nothing to fuse: {model} has no BatchNormalization; wrote an unchanged "
+                  f"copy to {output}")
 
 
 def _progress(description: str, total: int) -> Progress:
@@ -213,11 +231,11 @@ def calibrate_command(model: Path, data: Path, output: Path, method: str, percen
             float_model, samples, formats=formats, method=method, method_options=options,
             batch_size=batch_size, num_samples=num_samples,
             progress=lambda n: progress.advance(progress.task_ids[0], n))
+    text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
+                                          **dataclasses.asdict(report)},
+                        lambda: _render_calibration(output, report))
     save_model(quantized, output, overwrite=force)
-    if as_json:
-        _print_json({"model": str(model), "output": str(output), **dataclasses.asdict(report)})
-    else:
-        _render_calibration(output, report)
+    click.echo(text, nl=False)
 
 
 def _formats(activation_type: str | None, weight_type: str,

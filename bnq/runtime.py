@@ -44,13 +44,24 @@ def numpy_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
     return lambda feeds: list(evaluator.run(None, dict(feeds)))
 
 
-def onnxruntime_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
-    """Run `model` in an onnxruntime CPU session with `threads` intra-op threads (None: all)."""
+def ort_session(model: onnx.ModelProto, threads: int | None = None, *,
+                basic: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session with `threads` intra-op threads (None: all), all graph
+    optimizations unless `basic`. onnxruntime's own warnings are silenced: they would go to
+    stderr around bnq's one-line reports, and bnq checks what they are about itself."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    options.log_severity_level = 3  # errors only
+    if basic:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
+    """Run `model` in an onnxruntime CPU session with `threads` intra-op threads (None: all)."""
+    session = ort_session(model, threads)
     return lambda feeds: session.run(None, dict(feeds))
 
 
