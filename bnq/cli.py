@@ -108,7 +108,7 @@ def _report_text(as_json: bool, payload: Callable[[], Any], render: Callable[[],
 
 def _json_text(value: Any) -> str:
     """Strict JSON: a non-finite number (an SQNR of identical outputs) becomes null."""
-    return json.dumps(_finite(value), indent=2, default=_json_default, allow_nan=False)
+    return json.dumps(_finite(value), indent=2, allow_nan=False)
 
 
 def _print_json(value: Any) -> None:
@@ -116,8 +116,11 @@ def _print_json(value: Any) -> None:
 
 
 def _finite(value: Any) -> Any:
+    """`value` as plain JSON types: dataclasses and arrays unpacked, non-finite floats None."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _finite(dataclasses.asdict(value))
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return _finite(value.tolist())
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     if isinstance(value, dict):
@@ -125,14 +128,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
     return value
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 @cli.command("fuse")
