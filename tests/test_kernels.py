@@ -233,3 +233,82 @@ def test_plan_rejects_wrong_input():
         plan(np.zeros((1, 3, 4), np.uint8))
     with pytest.raises(ArgumentError, match="expected uint8 input"):
         plan(np.zeros((1, 2, 4), np.int8))
+
+
+def _plan_case(rng, channels, in_dtype, out_dtype, gain):
+    """Ordinary BN parameters with |alpha| around `gain` codes out per code in, some negative."""
+    lo, hi = RANGES[in_dtype]
+    weight = rng.normal(1.0, 0.3, channels) * np.where(rng.random(channels) < 0.25, -1, 1)
+    out_lo = RANGES[out_dtype][0]
+    return dict(x_scale=0.02 * gain, x_zero_point=int(rng.integers(lo, hi + 1)), weight=weight,
+                bias=rng.normal(0, 0.5, channels), running_mean=rng.normal(0, 0.5, channels),
+                running_var=rng.uniform(0.5, 2.0, channels), eps=1e-5, y_scale=0.02,
+                y_zero_point=int(rng.integers(out_lo, out_lo + 40)))
+
+
+@pytest.mark.parametrize("in_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("out_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("gain", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("kind", ["float", "float_int16", "int32"])
+def test_forced_fast_path_equals_table_on_every_code(in_dtype, out_dtype, gain, kind, monkeypatch):
+    """Each arithmetic path, forced on every channel it has constants for (no re-check against
+    the table), reproduces the table on all 256 codes, in uneven blocks."""
+    from bnq import kernels
+    monkeypatch.setattr(kernels, "_BLOCK", 777)          # many blocks, ragged edges
+    rng = np.random.default_rng(int(gain * 10) + 7 * (in_dtype is np.int8))
+    c = 24
+    params = _plan_case(rng, c, in_dtype, out_dtype, gain)
+    plan = BnReluPlan(**params, in_dtype=in_dtype, out_dtype=out_dtype)
+    plan._plan_channels()
+    code = {"float": kernels._FLOAT, "float_int16": kernels._FLOAT_I16, "int32": kernels._I32}[kind]
+    usable = plan._usable[code] & (plan._kind != kernels._CONST)
+    if kind == "float" and out_dtype is np.int8:
+        assert not usable.any()                          # uint8 output only
+        return
+    # exact plateau ends are rare for the clamped float line when steps skip output values
+    assert usable.sum() >= (1 if kind == "float" and gain > 1 else c // 2)
+    plan._kind = np.where(usable, code, kernels._TABLE)
+    plan._steps_cache = None
+    x = rng.permuted(np.tile(np.arange(256, dtype=np.uint8), (3, c, 7)), axis=2)
+    x = x.reshape(3, c, 28, 64).view(in_dtype)              # every code in every channel
+    y = plan(x)
+    np.testing.assert_array_equal(y, plan.table[np.arange(c)[None, :, None, None], x.view(np.uint8)])
+
+
+@pytest.mark.parametrize("in_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("gain", [0.2, 1.0, 3.0])
+def test_large_input_matches_reference_and_torch(in_dtype, gain):
+    rng = np.random.default_rng(int(gain * 100))
+    c = 12
+    params = _plan_case(rng, c, in_dtype, np.dtype(in_dtype).type, gain)
+    lo, hi = RANGES[in_dtype]
+    x = rng.integers(lo, hi + 1, (2, c, 48, 48)).astype(in_dtype)
+    plan = BnReluPlan(**params, in_dtype=in_dtype)
+    y = plan(x)
+    assert plan.strategies["table"] <= 1
+    case = dict(x=x, **params)
+    small = dict(case, x=x[:, :, :1, :256 // 48 + 1])
+    np.testing.assert_array_equal(_run(small), _reference(small))
+    np.testing.assert_array_equal(y, plan.table[np.arange(c)[None, :, None, None], x.view(np.uint8)])
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    np.testing.assert_array_equal(y, torch_reference(*(case[k] for k in (
+        "x", "x_scale", "x_zero_point", "weight", "bias", "running_mean", "running_var", "eps",
+        "y_scale", "y_zero_point"))))
+
+
+def test_float_lines_margin_and_range():
+    """The FLOAT path's line stays inside [0, 256) after the clamp and has a positive margin."""
+    from bnq import kernels
+    rng = np.random.default_rng(3)
+    plan = BnReluPlan(**_plan_case(rng, 32, np.uint8, np.uint8, 1.0))
+    plan._plan_channels()
+    floats = plan._kind == kernels._FLOAT
+    assert floats.sum() >= 24
+    codes = np.arange(256)
+    clamped = np.clip(codes[None, :], plan._lo[:, None], plan._hi[:, None]).astype(np.float32)
+    values = (clamped * plan._a[:, None] + plan._b[:, None])[floats]
+    assert ((values >= 0) & (values < 256)).all()
+    np.testing.assert_array_equal(np.floor(values).astype(np.uint8), plan.table[floats])
