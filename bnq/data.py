@@ -83,13 +83,7 @@ class _Member:
             return archive.getinfo(f"{self.key}.npy").file_size
 
     def _header(self, handle):
-        try:
-            shape, fortran, dtype = read_npy_header(handle)
-        except ValueError as error:
-            raise DataError(f"{self.where}: not a NumPy array ({one_line(error)})") from error
-        if dtype.hasobject:
-            raise DataError(f"{self.where}: holds Python objects, which bnq never unpickles; "
-                            "save numeric arrays")
+        shape, fortran, dtype = read_npy_header(handle, self.where, DataError)
         if fortran and len(shape) > 1:
             raise DataError(f"{self.where}: Fortran-ordered arrays are not supported; "
                             "save np.ascontiguousarray(x)")

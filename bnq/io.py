@@ -244,17 +244,25 @@ def _value_to_json(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype.name, "shape": shape}
 
 
-def read_npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """Shape, Fortran order and dtype from the header of a `.npy` stream, which is left at the
-    start of the data; ValueError when the stream is no `.npy` array. Reads no data."""
-    version = np.lib.format.read_magic(handle)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    if read_header is None:
-        raise ValueError(f"unsupported .npy format version {version}")
-    shape, fortran, dtype = read_header(handle)
-    if any(dim < 0 for dim in shape):
-        raise ValueError(f"negative dimension in shape {list(shape)}")
+def read_npy_header(handle: IO[bytes], where: str,
+                    error: type[BnqError]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from the header of the `.npy` stream `where`, which is left
+    at the start of the data. Reads no data; refuses, as `error`, a stream that is no `.npy`
+    array and an object array (which only unpickling could read)."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, fortran, dtype = read_header(handle)
+        if any(dim < 0 for dim in shape):
+            raise ValueError(f"negative dimension in shape {list(shape)}")
+    except ValueError as cause:
+        raise error(f"{where} is not a NumPy array ({one_line(cause)})") from cause
+    if dtype.hasobject:
+        raise error(f"{where} holds a pickled object array, which bnq never unpickles; save plain "
+                    "numeric arrays")
     return tuple(shape), fortran, dtype
 
 
@@ -275,13 +283,7 @@ def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) ->
     array (which would be unpickled), never more bytes than the member holds or a model can."""
     where = f"{path}: array {info.filename.removesuffix('.npy')!r}"
     with archive.open(info) as handle:
-        try:
-            shape, _, dtype = read_npy_header(handle)
-        except ValueError as error:
-            raise ModelError(f"{where} is not a NumPy array ({one_line(error)})") from error
-        if dtype.hasobject:
-            raise ModelError(f"{where} holds a pickled object array, which bnq never loads; "
-                             "save plain numeric arrays")
+        shape, _, dtype = read_npy_header(handle, where, ModelError)
         size = math.prod(shape) * dtype.itemsize
         if size > MAX_TENSOR_BYTES:
             raise ModelError(f"{where} declares shape {list(shape)} ({size} bytes), more than an "
