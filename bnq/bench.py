@@ -140,7 +140,7 @@ def bench_kernel(shape=(32, 64, 56, 56), threads=1, repeats=15, seed=0) -> Kerne
     plan = BnReluPlan(p["x_scale"], p["x_zero_point"], p["weight"], p["bias"],
                       p["running_mean"], p["running_var"], p["eps"], p["y_scale"],
                       p["y_zero_point"])
-    paths = {"bnq": (plan, None),
+    paths = {"bnq": (lambda a: plan(a, threads), None),
              "numpy-float": (lambda a: _numpy_float(a, p), None),
              "onnxruntime-qdq": (_ort_runner(_ort_model(p, len(shape), fused=False), threads), None),
              "onnxruntime-bnq-function": (_ort_runner(_ort_model(p, len(shape), fused=True),

@@ -53,6 +53,9 @@ def ort_session(model: onnx.ModelProto, threads: int | None = None, *,
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
+    # Idle workers sleep instead of spinning: spinning threads of one session would take the
+    # cores of whatever runs next (another model in `bnq bench`, bnq's own kernels).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if basic:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(model.SerializeToString(), options,

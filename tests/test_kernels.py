@@ -311,3 +311,14 @@ def test_float_lines_margin_and_range():
     values = (clamped * plan._a[:, None] + plan._b[:, None])[floats]
     assert ((values >= 0) & (values < 256)).all()
     np.testing.assert_array_equal(np.floor(values).astype(np.uint8), plan.table[floats])
+
+
+def test_threads_split_channels_without_changing_a_code():
+    rng = np.random.default_rng(7)
+    case = _plan_case(rng, 5, np.uint8, np.uint8, 1.0)
+    plan = BnReluPlan(**case)
+    x = rng.integers(0, 256, (3, 5, 40, 40)).astype(np.uint8)  # large: the blocked path
+    expected = plan(x)
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(plan(x, threads), expected)
+    np.testing.assert_array_equal(expected, plan.table[np.arange(5)[None, :, None, None], x])
