@@ -225,7 +225,7 @@ def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_si
              num_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Run the float model over the data with every observed tensor as an extra output."""
     probe = with_outputs(model, list(observers))
-    session = ort_session(probe, basic=True)  # float values as the model computes them
+    session = ort_session(probe)
     names = list(observers)
     samples = batches = 0
     for batch in data.batches(batch_size, num_samples):

@@ -44,11 +44,10 @@ def numpy_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
     return lambda feeds: list(evaluator.run(None, dict(feeds)))
 
 
-def ort_session(model: onnx.ModelProto, threads: int | None = None, *,
-                basic: bool = False) -> ort.InferenceSession:
-    """An onnxruntime CPU session with `threads` intra-op threads (None: all), all graph
-    optimizations unless `basic`. onnxruntime's own warnings are silenced: they would go to
-    stderr around bnq's one-line reports, and bnq checks what they are about itself."""
+def ort_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with `threads` intra-op threads (None: all). onnxruntime's
+    own warnings are silenced: they would go to stderr around bnq's one-line reports, and bnq
+    checks what they are about itself."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
@@ -56,8 +55,6 @@ def ort_session(model: onnx.ModelProto, threads: int | None = None, *,
     # Idle workers sleep instead of spinning: spinning threads of one session would take the
     # cores of whatever runs next (another model in `bnq bench`, bnq's own kernels).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if basic:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 
