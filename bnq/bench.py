@@ -104,7 +104,7 @@ def _ort_model(p, rank, fused: bool) -> onnx.ModelProto:
 
 
 def _ort_runner(model: onnx.ModelProto, threads: int):
-    session = ort_session(model, threads)
+    session = ort_session(model, threads, spin=False)  # its idle threads would slow the others
     return lambda x: session.run(None, {"X": x})[0]
 
 

@@ -44,7 +44,8 @@ def numpy_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
     return lambda feeds: list(evaluator.run(None, dict(feeds)))
 
 
-def ort_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+def ort_session(model: onnx.ModelProto, threads: int | None = None, *,
+                spin: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session with `threads` intra-op threads (None: all). onnxruntime's
     own warnings are silenced: they would go to stderr around bnq's one-line reports, and bnq
     checks what they are about itself."""
@@ -52,9 +53,8 @@ def ort_session(model: onnx.ModelProto, threads: int | None = None) -> ort.Infer
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
-    # Idle workers sleep instead of spinning: spinning threads of one session would take the
-    # cores of whatever runs next (another model in `bnq bench`, bnq's own kernels).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin:  # idle workers sleep: they would take the cores of whatever runs next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 
