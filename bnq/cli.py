@@ -130,7 +130,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-@cli.command("fuse")
+@cli.command("fuse", short_help="Fold Conv+BN and fuse BN+Relu, exactly.")
 @click.argument("model", type=MODEL)
 @click.option("-o", "--output", type=MODEL, required=True,
               help="Where to write the fused model (.onnx or .npz).")
@@ -188,7 +188,7 @@ def _progress(description: str, total: int) -> Progress:
     return progress
 
 
-@cli.command("calibrate")
+@cli.command("calibrate", short_help="Quantize a float model with ranges calibrated on sample data.")
 @click.argument("model", type=MODEL)
 @_data_options
 @click.option("-o", "--output", type=MODEL, required=True,
@@ -265,7 +265,7 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
               f"({report.method}); wrote {output}")
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", short_help="Compare a quantized model with its float model on data.")
 @click.argument("quantized", type=MODEL)
 @click.option("-r", "--reference", type=MODEL, required=True,
               help="The float model QUANTIZED was made from.")
@@ -336,7 +336,7 @@ def _render_evaluation(report: EvaluationReport) -> None:
         out.print(nodes)
 
 
-@cli.command("bench")
+@cli.command("bench", short_help="Time models per backend and thread count, or the operator alone.")
 @click.argument("models", nargs=-1, type=MODEL)
 @click.option("--kernel", is_flag=True,
               help="Time the fused quantized BN-ReLU operator alone against its baselines "
