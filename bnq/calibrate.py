@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -38,7 +38,7 @@ from bnq.graph import (NameScope, check, constant_values, consumers, default_ops
                        op_counts, output_names, with_outputs)
 from bnq.machine import IntegerFormats
 from bnq.observers import QuantParams, make_observer, quantize, weight_qparams
-from bnq.qops import fast_output_scale
+from bnq.qops import body_for, fast_output_scale
 from bnq.runtime import ort_session
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
@@ -74,7 +74,8 @@ class CalibrationReport:
     formats: IntegerFormats
     fusion: FuseReport
     tensors: tuple[QuantizedTensor, ...]
-    ops_after: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int]
+    body: str  # the QLinearBatchNormRelu body onnxruntime runs: "float", "double" or "table"
 
 
 @dataclass
@@ -123,7 +124,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                 for node in plan.batch_norms]
     tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
     return quantized, CalibrationReport(samples, batches, method, formats, fusion, tuple(tensors),
-                                        op_counts(quantized))
+                                        op_counts(quantized), body_for(quantized))
 
 
 def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:

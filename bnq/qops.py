@@ -49,6 +49,17 @@ def _check_opset(opset: int) -> None:
                             f"got {opset}")
 
 
+def _saturating_relu(value: str, output: str) -> list[onnx.NodeProto]:
+    """Relu, with the value first clipped to +-2**30, where every code saturates anyway:
+    onnxruntime's QuantizeLinear turns values beyond int32, and infinity, into INT_MIN before it
+    saturates, which would give the lowest code instead of the highest."""
+    return [_constant(f"{value}_limit", np.array(2.0**30, np.float32)),
+            _constant(f"{value}_minus_limit", np.array(-2.0**30, np.float32)),
+            helper.make_node("Clip", [value, f"{value}_minus_limit", f"{value}_limit"],
+                             [f"{value}_clipped"]),
+            helper.make_node("Relu", [f"{value}_clipped"], [output])]
+
+
 def _fused_params() -> list[onnx.NodeProto]:
     """Nodes computing float32 `alpha` and `beta` [C] with PyTorch's mixed precision."""
     D, F = TensorProto.DOUBLE, TensorProto.FLOAT
@@ -137,7 +148,7 @@ def qlinear_bn_relu_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
         n("And", ["same_side", "e_nonzero"], ["toward_h"]),
         n("And", ["halfway", "toward_h"], ["up"]),
         n("Where", ["up", "h_f", "f"], ["v"]),
-        n("Relu", ["v"], ["v_relu"]),
+        *_saturating_relu("v", "v_relu"),
         n("QuantizeLinear", ["v_relu", "one_f", "Y_zero_point"], ["table"]),
         # apply: Y[n, c, l] = table[c, byte(X[n, c, l])]
         n("Reshape", ["table", "flat"], ["table_flat"]),
@@ -197,7 +208,7 @@ def direct_function(opset: int = MIN_OPSET, precision: str = "double") -> onnx.F
         n("BatchNormalization", ["d_t", "alpha_t", "beta_t", "zeros_t", "ones_t"], ["v_t"],
           epsilon=0.0),
         n("Cast", ["v_t"], ["v"], to=F),
-        n("Relu", ["v"], ["v_relu"]),
+        *_saturating_relu("v", "v_relu"),
         n("QuantizeLinear", ["v_relu", "one_f", "Y_zero_point"], ["Y"]),
     ]
     return helper.make_function(DOMAIN, OP_TYPE, INPUTS, ["Y"], nodes,
@@ -249,24 +260,29 @@ def node_plan(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> BnReluP
                       out_dtype=y_zp.dtype)
 
 
-def function_for(model: onnx.ModelProto) -> onnx.FunctionProto:
+def body_for(model: onnx.ModelProto) -> str:
     """The body `model` gets: the fastest direct body ("float", then "double") that is exact for
     every one of the model's QLinearBatchNormRelu nodes (checked over all channels and input
-    codes), else the table body, which is exact for any parameters (and for parameters that are
-    not constants, which cannot be checked)."""
-    opset = default_opset(model)
+    codes), else "table", which is exact for any parameters (and for parameters that are not
+    constants, which cannot be checked)."""
     constants = constant_values(model)
     checks = []
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
             plan = node_plan(node, constants)
             if plan is None:
-                return qlinear_bn_relu_function(opset)
+                return "table"
             checks.append((plan, constants[node.input[2]], constants[node.input[8]]))
     for precision in ("float", "double"):
         if all(direct_body_is_exact(*check, precision) for check in checks):
-            return direct_function(opset, precision)
-    return qlinear_bn_relu_function(opset)
+            return precision
+    return "table"
+
+
+def function_for(model: onnx.ModelProto) -> onnx.FunctionProto:
+    """The function body of `body_for(model)`, at the model's opset."""
+    opset, body = default_opset(model), body_for(model)
+    return qlinear_bn_relu_function(opset) if body == "table" else direct_function(opset, body)
 
 
 class QLinearBatchNormRelu(OpRun):

@@ -173,3 +173,17 @@ def test_a_nudged_output_scale_makes_the_float_body_exact():
     x[1] = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every code in every channel
     for got in run_all(model, x):
         np.testing.assert_array_equal(got, kernel(x, p))
+
+
+@pytest.mark.parametrize("body", ["table", "float", "double"])
+def test_values_beyond_int32_saturate_in_every_body(body):
+    """alpha * d + beta far beyond 2**31 (zero variance, a large input scale, a tiny output
+    scale): onnxruntime's QuantizeLinear alone would give the lowest code; the bodies clip."""
+    p = dict(x_scale=[12.96, 0.5], x_zero_point=[4, 0], weight=[1.47, 1.0], bias=[-4.4, 0.0],
+             running_mean=[3.7, 0.0], running_var=[0.0, 1.0], eps=1e-5, y_scale=3.7e-4,
+             y_zero_point=0)
+    x = np.arange(256, dtype=np.uint8).reshape(1, 1, 256).repeat(2, axis=1)
+    expected = kernel(x, p)
+    assert expected[0, 0, -1] == 255
+    for got in run_all(make_model(3, 2, np.uint8, p, body=body), x):
+        np.testing.assert_array_equal(got, expected)
