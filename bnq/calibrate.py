@@ -37,7 +37,8 @@ from bnq.fusion import FuseReport, fuse
 from bnq.graph import (NameScope, check, constant_values, consumers, default_opset, node_label,
                        op_counts, output_names, with_outputs)
 from bnq.machine import IntegerFormats
-from bnq.observers import QuantParams, make_observer, quantize, weight_qparams
+from bnq.observers import make_observer
+from bnq.quantization import QuantParams, quantize, weight_qparams
 from bnq.qops import body_for, fast_output_scale
 from bnq.runtime import ort_session
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnq.errors import DataError, ModelError, one_line
+from bnq.errors import DataError, ModelError
 from bnq.graph import constant_values, numpy_dtype
 from bnq.io import read_npy_header
 

@@ -16,13 +16,9 @@ from bnq.observers import (
     MinMaxObserver,
     MseObserver,
     PercentileObserver,
-    dequantize,
     make_observer,
-    qparams_from_range,
-    quant_range,
-    quantize,
-    weight_qparams,
 )
+from bnq.quantization import dequantize, qparams_from_range, quant_range, quantize, weight_qparams
 
 METHODS = sorted(OBSERVERS)
 
