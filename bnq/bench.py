@@ -23,13 +23,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnq import ops
 from bnq.errors import ArgumentError
 from bnq.kernels import BnReluPlan
 from bnq.machine import Machine, describe
-from bnq.runtime import make_runner, ort_session
 from bnq.ops import DOMAIN
-from bnq import ops
 from bnq.qops import MIN_OPSET, OP_TYPE
+from bnq.runtime import make_runner, ort_session
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,12 +34,21 @@ from bnq import ops
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, ModelError
 from bnq.fusion import FuseReport, fuse
-from bnq.graph import (NameScope, check, constant_values, consumers, default_opset, node_label,
-                       op_counts, output_names, with_outputs)
+from bnq.graph import (
+    NameScope,
+    check,
+    constant_values,
+    consumers,
+    default_opset,
+    node_label,
+    op_counts,
+    output_names,
+    with_outputs,
+)
 from bnq.machine import IntegerFormats
 from bnq.observers import make_observer
-from bnq.quantization import QuantParams, quantize, weight_qparams
 from bnq.qops import body_for, fast_output_scale
+from bnq.quantization import QuantParams, quantize, weight_qparams
 from bnq.runtime import ort_session
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here

@@ -10,16 +10,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bnq.bench import KernelBench, ModelBench, bench_kernel, bench_models
 from bnq.calibrate import CalibrationReport, calibrate
@@ -29,8 +34,8 @@ from bnq.evaluate import BACKEND_CHOICES, EvaluationReport, evaluate
 from bnq.fusion import FuseReport, fuse
 from bnq.io import check_output_path, load_model, save_model
 from bnq.machine import IntegerFormats, Machine, default_formats, describe
-from bnq.runtime import BACKENDS
 from bnq.observers import OBSERVERS
+from bnq.runtime import BACKENDS
 
 # Pipes and files get 120 columns rather than rich's 80, so tables of long node names stay whole.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)

@@ -28,7 +28,15 @@ from onnx import helper, numpy_helper
 
 from bnq import ops
 from bnq.errors import ModelError
-from bnq.graph import NameScope, check, constant_values, consumers, node_label, op_counts, output_names
+from bnq.graph import (
+    NameScope,
+    check,
+    constant_values,
+    consumers,
+    node_label,
+    op_counts,
+    output_names,
+)
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 BN_PARAMS = ("scale", "B", "input_mean", "input_var")

@@ -8,6 +8,7 @@ so everything that reads parameters goes through `constant_values`.
 from __future__ import annotations
 
 from collections import defaultdict
+
 import numpy as np
 import onnx
 from onnx import numpy_helper

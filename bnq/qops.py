@@ -29,8 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference.op_run import OpRun
 
 from bnq.errors import ArgumentError
-from bnq.kernels import BnReluPlan, input_offsets, output_codes
 from bnq.graph import constant_values, default_opset
+from bnq.kernels import BnReluPlan, input_offsets, output_codes
 from bnq.ops import DOMAIN
 
 OP_TYPE = "QLinearBatchNormRelu"

@@ -38,7 +38,9 @@ class BatchNormRelu(OpRun):
 
 def numpy_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
     """Run `model` with onnx's reference evaluator and bnq's kernels (single-threaded)."""
-    from bnq.qops import QLinearBatchNormRelu  # the kernels' op, imported where it is used
+    from bnq.qops import (
+        QLinearBatchNormRelu,  # the kernels' op, imported where it is used
+    )
 
     evaluator = ReferenceEvaluator(model, new_ops=[BatchNormRelu, QLinearBatchNormRelu])
     return lambda feeds: list(evaluator.run(None, dict(feeds)))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphs import random_feeds, run_ort
 from onnx import numpy_helper
 
 from bnq import load_model
@@ -15,7 +16,6 @@ from bnq.calibrate import calibrate
 from bnq.data import SampleData, model_inputs
 from bnq.graph import op_counts
 from bnq.machine import IntegerFormats
-from graphs import random_feeds, run_ort
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "digits_cnn.onnx"

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from graphs import run_ort
 from onnx import numpy_helper
 
 from bnq import load_model, save_model
@@ -17,7 +18,6 @@ from bnq.cli import cli
 from bnq.data import SampleData, model_inputs
 from bnq.evaluate import evaluate
 from bnq.machine import IntegerFormats
-from graphs import run_ort
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "digits_cnn.onnx"

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphs import bn_params, make_model, max_relative_error, random_feeds, run_ort
 from onnx import helper
 
 from bnq import ModelError, fuse, load_model
 from bnq.graph import op_counts
-from graphs import bn_params, make_model, max_relative_error, random_feeds, run_ort
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "tests" / "models"

@@ -18,7 +18,13 @@ from bnq.observers import (
     PercentileObserver,
     make_observer,
 )
-from bnq.quantization import dequantize, qparams_from_range, quant_range, quantize, weight_qparams
+from bnq.quantization import (
+    dequantize,
+    qparams_from_range,
+    quant_range,
+    quantize,
+    weight_qparams,
+)
 
 METHODS = sorted(OBSERVERS)
 

@@ -12,9 +12,16 @@ from onnx.reference import ReferenceEvaluator
 from bnq.errors import ArgumentError
 from bnq.kernels import BnReluPlan, quantized_batch_norm_relu
 from bnq.ops import DOMAIN
-from bnq.qops import (MIN_OPSET, OP_TYPE, QLinearBatchNormRelu, direct_body_is_exact,
-                      direct_function, fast_output_scale, function_for,
-                      qlinear_bn_relu_function)
+from bnq.qops import (
+    MIN_OPSET,
+    OP_TYPE,
+    QLinearBatchNormRelu,
+    direct_body_is_exact,
+    direct_function,
+    fast_output_scale,
+    function_for,
+    qlinear_bn_relu_function,
+)
 
 ort = pytest.importorskip("onnxruntime")
 RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}
