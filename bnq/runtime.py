@@ -21,6 +21,7 @@ from onnx.reference.op_run import OpRun
 from bnq import ops
 from bnq.errors import ArgumentError, DataError
 from bnq.io import load_model
+from bnq.qops import QLinearBatchNormRelu
 
 Runner = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
 
@@ -38,10 +39,6 @@ class BatchNormRelu(OpRun):
 
 def numpy_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
     """Run `model` with onnx's reference evaluator and bnq's kernels (single-threaded)."""
-    from bnq.qops import (
-        QLinearBatchNormRelu,  # the kernels' op, imported where it is used
-    )
-
     evaluator = ReferenceEvaluator(model, new_ops=[BatchNormRelu, QLinearBatchNormRelu])
     return lambda feeds: list(evaluator.run(None, dict(feeds)))
 
