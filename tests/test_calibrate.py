@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import random_feeds, run_ort
-from onnx import numpy_helper
+from graphs import make_model, random_feeds, run_ort
+from onnx import helper, numpy_helper
 
 from bnq import load_model
 from bnq.calibrate import calibrate
@@ -102,3 +102,31 @@ def test_torch_exported_models_quantize_and_stay_close(tmp_path, name):
     onnx.checker.check_model(quantized, full_check=True)
     feeds = random_feeds(model, np.random.default_rng(1), dynamic=8)
     assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 15
+
+
+def test_matmul_weights_are_quantized_per_column(tmp_path):
+    """A MatMul with a constant weight (as Keras and TensorFlow converters write a Dense layer)
+    followed by BatchNormalization and Relu: int8 weight codes per output column."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((6, 4)).astype(np.float32)
+    weight[:, 0] *= 10  # columns of very different ranges: one scale per column
+    params = {"g": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+              "b": rng.normal(0, 0.5, 4).astype(np.float32),
+              "m": rng.normal(0, 0.5, 4).astype(np.float32),
+              "v": rng.uniform(0.5, 2, 4).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["y"])]
+    model = make_model(nodes, [("x", ["N", 6])], [("y", ["N", 4])], opset=17,
+                       initializers={"w": weight} | params)
+    np.save(tmp_path / "x.npy", rng.standard_normal((64, 6)).astype(np.float32))
+    quantized, report = calibrate(model, SampleData(tmp_path / "x.npy", model_inputs(model)),
+                                  formats=FORMATS)
+    onnx.checker.check_model(quantized, full_check=True)
+    [weight_entry] = [t for t in report.tensors if t.role == "weight"]
+    assert weight_entry.granularity == "per channel"
+    assert weight_entry.scale_max > 5 * weight_entry.scale_min
+    assert op_counts(quantized)["QLinearBatchNormRelu"] == 1
+    feeds = {"x": rng.standard_normal((32, 6)).astype(np.float32)}
+    assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 25
