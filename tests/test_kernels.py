@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bnq import fastpath
 from bnq.errors import ArgumentError
 from bnq.kernels import BnReluPlan, fma_float32, quantized_batch_norm_relu
 
@@ -258,22 +259,22 @@ def _plan_case(rng, channels, in_dtype, out_dtype, gain):
 def test_forced_fast_path_equals_table_on_every_code(in_dtype, out_dtype, gain, kind, monkeypatch):
     """Each arithmetic path, forced on every channel it has constants for (no re-check against
     the table), reproduces the table on all 256 codes, in uneven blocks."""
-    from bnq import kernels
-    monkeypatch.setattr(kernels, "_BLOCK", 777)          # many blocks, ragged edges
+    monkeypatch.setattr(fastpath, "_BLOCK", 777)         # many blocks, ragged edges
     rng = np.random.default_rng(int(gain * 10) + 7 * (in_dtype is np.int8))
     c = 24
     params = _plan_case(rng, c, in_dtype, out_dtype, gain)
     plan = BnReluPlan(**params, in_dtype=in_dtype, out_dtype=out_dtype)
-    plan._plan_channels()
-    code = {"float": kernels._FLOAT, "float_int16": kernels._FLOAT_I16, "int32": kernels._I32}[kind]
-    usable = plan._usable[code] & (plan._kind != kernels._CONST)
+    fast = plan.fast_path
+    code = {"float": fastpath._FLOAT, "float_int16": fastpath._FLOAT_I16,
+            "int32": fastpath._I32}[kind]
+    usable = fast._usable[code] & (fast._kind != fastpath._CONST)
     if kind == "float" and out_dtype is np.int8:
         assert not usable.any()                          # uint8 output only
         return
     # exact plateau ends are rare for the clamped float line when steps skip output values
     assert usable.sum() >= (1 if kind == "float" and gain > 1 else c // 2)
-    plan._kind = np.where(usable, code, kernels._TABLE)
-    plan._steps_cache = None
+    fast._kind = np.where(usable, code, fastpath._TABLE)
+    fast._steps_cache = None
     x = rng.permuted(np.tile(np.arange(256, dtype=np.uint8), (3, c, 7)), axis=2)
     x = x.reshape(3, c, 28, 64).view(in_dtype)              # every code in every channel
     y = plan(x)
@@ -300,15 +301,14 @@ def test_large_input_matches_reference_and_torch(in_dtype, gain):
 
 def test_float_lines_margin_and_range():
     """The FLOAT path's line stays inside [0, 256) after the clamp and has a positive margin."""
-    from bnq import kernels
     rng = np.random.default_rng(3)
     plan = BnReluPlan(**_plan_case(rng, 32, np.uint8, np.uint8, 1.0))
-    plan._plan_channels()
-    floats = plan._kind == kernels._FLOAT
+    fast = plan.fast_path
+    floats = fast._kind == fastpath._FLOAT
     assert floats.sum() >= 24
     codes = np.arange(256)
-    clamped = np.clip(codes[None, :], plan._lo[:, None], plan._hi[:, None]).astype(np.float32)
-    values = (clamped * plan._a[:, None] + plan._b[:, None])[floats]
+    clamped = np.clip(codes[None, :], fast._lo[:, None], fast._hi[:, None]).astype(np.float32)
+    values = (clamped * fast._a[:, None] + fast._b[:, None])[floats]
     assert ((values >= 0) & (values < 256)).all()
     np.testing.assert_array_equal(np.floor(values).astype(np.uint8), plan.table[floats])
 
