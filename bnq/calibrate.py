@@ -43,6 +43,7 @@ from bnq.graph import (
     node_label,
     op_counts,
     output_names,
+    producers,
     with_outputs,
 )
 from bnq.machine import IntegerFormats
@@ -153,7 +154,7 @@ def _plan(model: onnx.ModelProto) -> _Plan:
     graph = model.graph
     constants = constant_values(model)
     readers = consumers(graph)
-    producers = {name: node for node in graph.node for name in node.output}
+    writers = producers(graph)
     outputs = output_names(graph)
     wanted: list[str] = []
 
@@ -182,7 +183,7 @@ def _plan(model: onnx.ModelProto) -> _Plan:
     activations = [name for name in wanted if name not in bn_outputs]
     aliases = {}
     for name in list(activations):
-        node = producers.get(name)
+        node = writers.get(name)
         if node is not None and node.op_type in PASS_THROUGH and node.input[0] in activations:
             aliases[name] = node.input[0]
             activations.remove(name)
@@ -193,13 +194,13 @@ def _plan(model: onnx.ModelProto) -> _Plan:
         x = node.input[0]
         if x in sourced:
             continue
-        concat = producers.get(x)
-        if concat is not None and _is_channel_concat(concat, shapes, sourced, producers):
+        concat = writers.get(x)
+        if concat is not None and _is_channel_concat(concat, shapes, sourced, writers):
             concat_sources[x] = concat
         elif x not in bn_inputs:
             bn_inputs.append(x)
     return _Plan(activations, aliases, batch_norms, bn_inputs, concat_sources,
-                 {name: count for name, (_, count) in shapes.items()}, producers)
+                 {name: count for name, (_, count) in shapes.items()}, writers)
 
 
 def _channel_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -215,7 +216,7 @@ def _channel_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 
 
 def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
-                       producers: dict[str, onnx.NodeProto]) -> bool:
+                       writers: dict[str, onnx.NodeProto]) -> bool:
     """A Concat along the channel axis whose inputs all have integer codes (or are such Concats)."""
     if node.op_type != "Concat" or node.output[0] not in shapes:
         return False
@@ -227,7 +228,7 @@ def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
         if name not in shapes:
             return False
         if name not in sourced and not (
-                name in producers and _is_channel_concat(producers[name], shapes, sourced, producers)):
+                name in writers and _is_channel_concat(writers[name], shapes, sourced, writers)):
             return False
     return True
 

@@ -27,7 +27,7 @@ from onnx import helper
 from bnq import ops
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, DataError
-from bnq.graph import constant_values, with_outputs
+from bnq.graph import constant_values, consumers, with_outputs
 from bnq.kernels import BnReluPlan
 from bnq.runtime import BACKENDS, make_runner
 
@@ -102,10 +102,7 @@ class _FusedNode:
 
 
 def _fused_nodes(model: onnx.ModelProto) -> list[_FusedNode]:
-    readers = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = consumers(model.graph)
     found = []
     for node in model.graph.node:
         if node.domain == ops.DOMAIN and node.op_type == "QLinearBatchNormRelu":

@@ -36,6 +36,7 @@ from bnq.graph import (
     node_label,
     op_counts,
     output_names,
+    producers,
 )
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -83,7 +84,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
     scope = NameScope(graph)
     constants = constant_values(result)
     readers = consumers(graph)
-    producers = {name: node for node in graph.node for name in node.output}
+    writers = producers(graph)
     outputs = output_names(graph)
     actions: list[Action] = []
     removed: set[int] = set()  # ids of nodes that the rewrites replace
@@ -97,7 +98,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
         if isinstance(batch_norm, str):
             actions.append(Action(label, "kept", batch_norm))
             continue
-        source = producers.get(node.input[0])
+        source = writers.get(node.input[0])
         reason = _check_fold(source, node, readers, outputs, constants)
         if reason is None:
             folded = _fold(source, batch_norm, constants, scope, graph)
