@@ -11,16 +11,36 @@ The Python API is what the `bnq` command runs:
                                       y_scale, y_zero_point)
 """
 
-from bnq.bench import bench_kernel, bench_models
-from bnq.calibrate import CalibrationReport, calibrate
-from bnq.data import SampleData, model_inputs
-from bnq.errors import ArgumentError, BnqError, DataError, ModelError
-from bnq.evaluate import EvaluationReport, evaluate
-from bnq.fusion import FuseReport, fuse
-from bnq.io import load_model, save_model
-from bnq.kernels import BnReluPlan, quantized_batch_norm_relu
-from bnq.machine import IntegerFormats, default_formats
-from bnq.runtime import make_runner, run_model
+from importlib import import_module
+
+# Where each public name lives; imported on first use, so that `import bnq` (and `bnq --help`)
+# does not pay for numpy, onnx and onnxruntime (0.4 s) before a command needs them.
+_API = {
+    "bench_kernel": "bnq.bench", "bench_models": "bnq.bench",
+    "CalibrationReport": "bnq.calibrate", "calibrate": "bnq.calibrate",
+    "SampleData": "bnq.data", "model_inputs": "bnq.data",
+    "ArgumentError": "bnq.errors", "BnqError": "bnq.errors", "DataError": "bnq.errors",
+    "ModelError": "bnq.errors",
+    "EvaluationReport": "bnq.evaluate", "evaluate": "bnq.evaluate",
+    "FuseReport": "bnq.fusion", "fuse": "bnq.fusion",
+    "load_model": "bnq.io", "save_model": "bnq.io",
+    "BnReluPlan": "bnq.kernels", "quantized_batch_norm_relu": "bnq.kernels",
+    "IntegerFormats": "bnq.machine", "default_formats": "bnq.machine",
+    "make_runner": "bnq.runtime", "run_model": "bnq.runtime",
+}
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'bnq' has no attribute {name!r}")
+    value = getattr(import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
 
 __all__ = [
     "ArgumentError", "BnReluPlan", "BnqError", "CalibrationReport", "DataError",

@@ -9,39 +9,52 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from bnq.bench import KernelBench, ModelBench, bench_kernel, bench_models
-from bnq.calibrate import CalibrationReport, calibrate
-from bnq.data import SampleData, model_inputs
 from bnq.errors import BnqError
-from bnq.evaluate import BACKEND_CHOICES, EvaluationReport, evaluate
-from bnq.fusion import FuseReport, fuse
-from bnq.io import check_output_path, load_model, save_model
-from bnq.machine import IntegerFormats, Machine, default_formats, describe
-from bnq.observers import OBSERVERS
-from bnq.runtime import BACKENDS
 
-# Pipes and files get 120 columns rather than rich's 80, so tables of long node names stay whole.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+if TYPE_CHECKING:  # the heavy modules (numpy, onnx, onnxruntime) load when a command runs
+    import numpy as np
+
+    from bnq.bench import KernelBench, ModelBench
+    from bnq.calibrate import CalibrationReport
+    from bnq.evaluate import EvaluationReport
+    from bnq.fusion import FuseReport
+    from bnq.machine import IntegerFormats, Machine
+
+# The registries' keys, spelled out so that `--help` needs no numpy, onnx or onnxruntime (which
+# take 0.4 s to import); tests/test_cli.py checks them against bnq.observers.OBSERVERS,
+# bnq.runtime.BACKENDS and bnq.evaluate.BACKEND_CHOICES.
+METHODS = ("minmax", "percentile", "entropy", "mse")
+BACKENDS = ("numpy", "onnxruntime")
+BACKEND_CHOICES = (*BACKENDS, "both")
+
+# A terminal's tables fold long names onto several lines (never cut them, see _table); pipes and
+# files get lines as long as the tables need, so that a name stays whole on one line.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 1 << 16)
 err = Console(stderr=True, highlight=False)
 
 MODEL = click.Path(dir_okay=False, path_type=Path)
+
+
+def _table(title: str, *columns: str, right: tuple[str, ...] = (), **options: Any) -> Table:
+    """A report table: left columns (names) fold onto several lines on a narrow terminal rather
+    than being cut; `right` columns (numbers) stay on one line."""
+    table = Table(title=title, title_justify="left", caption_justify="left", **options)
+    for column in columns:
+        if column in right:
+            table.add_column(column, justify="right", no_wrap=True)
+        else:
+            table.add_column(column, overflow="fold")
+    return table
 
 
 class _Group(click.Group):
@@ -127,7 +140,7 @@ def _finite(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         return _finite(value.tolist())
     if isinstance(value, float):
-        return value if np.isfinite(value) else None
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {key: _finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -146,7 +159,15 @@ def fuse_command(model: Path, output: Path, force: bool, as_json: bool) -> None:
     BatchNormalization + Relu pairs of MODEL (.onnx or .npz) into bnq.BatchNormRelu nodes.
 
     Only exact rewrites are made; every BatchNormalization left alone is listed with the
-    reason. The output runs in stock onnxruntime."""
+    reason. The output runs in stock onnxruntime.
+
+    \b
+    Example:
+      bnq fuse samples/digits_cnn.onnx -o /tmp/digits_fused.onnx
+    """
+    from bnq.fusion import fuse
+    from bnq.io import check_output_path, load_model, save_model
+
     check_output_path(output, [model], overwrite=force)
     fused, report = fuse(load_model(model))
     text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
@@ -160,18 +181,15 @@ def fuse_command(model: Path, output: Path, force: bool, as_json: bool) -> None:
 
 
 def _render_fuse(model: Path, output: Path, report: FuseReport) -> None:
-    counts = Table(title=f"Operators in {model.name}", title_justify="left")
-    for column in ("op", "before", "after"):
-        counts.add_column(column, justify="left" if column == "op" else "right")
+    counts = _table(f"Operators in {model.name}", "op", "before", "after",
+                    right=("before", "after"))
     for op in sorted(set(report.ops_before) | set(report.ops_after)):
         before, after = report.ops_before.get(op, 0), report.ops_after.get(op, 0)
         style = "" if before == after else "bold"
         counts.add_row(op, str(before), str(after), style=style)
     out.print(counts)
     if report.actions:
-        actions = Table(title="BatchNormalization nodes", title_justify="left")
-        for column in ("node", "outcome", "detail"):
-            actions.add_column(column)
+        actions = _table("BatchNormalization nodes", "node", "outcome", "detail")
         colors = {"folded": "green", "fused": "green", "kept": "yellow"}
         for action in report.actions:
             actions.add_row(action.node, f"[{colors[action.outcome]}]{action.outcome}[/]",
@@ -184,8 +202,16 @@ def _render_fuse(model: Path, output: Path, report: FuseReport) -> None:
                   f"copy to {output}")
 
 
-def _progress(description: str, total: int) -> Progress:
+def _progress(description: str, total: int):
     """A progress bar on stderr, shown only on a terminal."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=err, transient=True,
                         disable=not err.is_terminal)
@@ -198,7 +224,7 @@ def _progress(description: str, total: int) -> Progress:
 @_data_options
 @click.option("-o", "--output", type=MODEL, required=True,
               help="Where to write the quantized model (.onnx or .npz).")
-@click.option("--method", type=click.Choice(list(OBSERVERS)), default="minmax", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
               help="How activation ranges are chosen from the observed values.")
 @click.option("--percentile", type=float, default=99.99, show_default=True,
               help="With --method percentile: the percentile of the values kept in range.")
@@ -219,7 +245,16 @@ def calibrate_command(model: Path, data: Path, output: Path, method: str, percen
 
     Conv/Gemm/MatMul get int8 weights per output channel and quantized activations (QDQ, which
     onnxruntime runs with integer kernels); every BatchNormalization + Relu becomes a
-    bnq.QLinearBatchNormRelu node, bit-exact with PyTorch's quantized BNReLU2d."""
+    bnq.QLinearBatchNormRelu node, bit-exact with PyTorch's quantized BNReLU2d.
+
+    \b
+    Example:
+      bnq calibrate samples/digits_cnn.onnx -d samples/calib.npz -o /tmp/digits_int8.onnx
+    """
+    from bnq.calibrate import calibrate
+    from bnq.data import SampleData, model_inputs
+    from bnq.io import check_output_path, load_model, save_model
+
     check_output_path(output, [model, data], overwrite=force)
     float_model = load_model(model)
     samples = SampleData(data, model_inputs(float_model))
@@ -241,6 +276,8 @@ def calibrate_command(model: Path, data: Path, output: Path, method: str, percen
 def _formats(activation_type: str | None, weight_type: str,
              reduce_range: bool | None) -> IntegerFormats:
     """The CPU's default formats, with the user's choices on top (and said so)."""
+    from bnq.machine import IntegerFormats, default_formats
+
     chosen = default_formats()
     if activation_type is None and reduce_range is None:
         return chosen
@@ -249,17 +286,28 @@ def _formats(activation_type: str | None, weight_type: str,
                           "chosen on the command line")
 
 
+# How onnxruntime computes a QLinearBatchNormRelu node, for each body bnq.qops.body_for chooses.
+BODY_WORDS = {
+    "float": "a float32 formula of standard operators",
+    "double": "a float64 formula of standard operators",
+    "table": "a 256-entry lookup table per channel",
+}
+
+
 def _render_calibration(output: Path, report: CalibrationReport) -> None:
     formats = report.formats
     out.print(f"[bold]formats[/]: {formats.activation} activations, {formats.weight} weights"
               f"{' (7-bit)' if formats.reduce_range else ''}: {formats.reason}")
     fusion = report.fusion
-    out.print(f"[bold]fusion[/]: {fusion.count('folded')} folded, {fusion.count('fused')} fused, "
-              f"{fusion.count('kept')} kept; fused nodes run in onnxruntime through the "
-              f"{report.body} body (exact for every input code)")
-    table = Table(title="Quantized tensors", title_justify="left")
-    for column in ("tensor", "role", "granularity", "range", "scale", "zero point"):
-        table.add_column(column, justify="right" if column in ("scale", "zero point") else "left")
+    out.print(f"[bold]fusion[/]: {fusion.count('folded')} BatchNormalization folded into the "
+              f"layer before, {fusion.count('fused')} fused with their Relu, "
+              f"{fusion.count('kept')} kept")
+    if fusion.count("fused"):
+        out.print(f"[bold]fused BN-ReLU nodes[/]: give exactly PyTorch's quantized BNReLU2d "
+                  f"codes in stock onnxruntime, no plugin needed ({BODY_WORDS[report.body]}, "
+                  "checked exact for every input code)")
+    table = _table("Quantized tensors", "tensor", "role", "granularity", "range", "scale",
+                   "zero point", right=("range", "scale", "zero point"))
     for tensor in report.tensors:
         scale = (f"{tensor.scale_min:.4g}" if tensor.scale_min == tensor.scale_max
                  else f"{tensor.scale_min:.4g}..{tensor.scale_max:.4g}")
@@ -287,7 +335,16 @@ def evaluate_command(quantized: Path, reference: Path, data: Path, batch_size: i
                      num_samples: int | None, backend: str, labels: str, as_json: bool) -> None:
     """Compare QUANTIZED with its float REFERENCE on DATA: top-1 accuracy and agreement, SQNR,
     cosine similarity and errors of each output, and the SQNR of every fused BN-ReLU node's
-    output, worst first, so you see where quantization error enters."""
+    output, worst first, so you see where quantization error enters.
+
+    \b
+    Example:
+      bnq evaluate /tmp/digits_int8.onnx -r samples/digits_cnn.onnx -d samples/eval.npz
+    """
+    from bnq.data import SampleData, model_inputs
+    from bnq.evaluate import evaluate
+    from bnq.io import load_model
+
     float_model = load_model(reference)
     samples = SampleData(data, model_inputs(float_model), extra_keys=(labels,))
     total = min(num_samples or samples.num_samples, samples.num_samples)
@@ -302,6 +359,8 @@ def evaluate_command(quantized: Path, reference: Path, data: Path, batch_size: i
 
 
 def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
+    import numpy as np
+
     filled = 0 if not np.isfinite(value) or value <= 0 else min(width, round(value / top * width))
     if np.isinf(value) and value > 0:
         filled = width
@@ -328,12 +387,9 @@ def _render_evaluation(report: EvaluationReport) -> None:
         summary.add_row("numpy vs onnxruntime, fused nodes", f"{report.backend_max_lsb_diff} LSB")
     out.print(summary)
     if report.per_node:
-        nodes = Table(title="Fused BN-ReLU nodes, worst first", title_justify="left")
-        nodes.add_column("node")
-        nodes.add_column("SQNR (dB)", justify="right")
-        nodes.add_column("")
-        if report.backend_max_lsb_diff is not None:
-            nodes.add_column("LSB diff", justify="right")
+        numbers = ("SQNR (dB)", "", *(("LSB diff",) if report.backend_max_lsb_diff is not None
+                                      else ()))
+        nodes = _table("Fused BN-ReLU nodes, worst first", "node", *numbers, right=numbers)
         for node in report.per_node:
             row = [node.node, f"{node.sqnr_db:.2f}", _bar(node.sqnr_db)]
             if node.backend_max_lsb_diff is not None:
@@ -347,7 +403,7 @@ def _render_evaluation(report: EvaluationReport) -> None:
 @click.option("--kernel", is_flag=True,
               help="Time the fused quantized BN-ReLU operator alone against its baselines "
                    "(numpy float formula, onnxruntime QDQ subgraph, PyTorch when installed).")
-@click.option("--backend", "backends", type=click.Choice(list(BACKENDS)), multiple=True,
+@click.option("--backend", "backends", type=click.Choice(BACKENDS), multiple=True,
               default=["onnxruntime"], show_default=True, help="Backends to time (repeatable).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples per run.")
@@ -362,12 +418,28 @@ def _render_evaluation(report: EvaluationReport) -> None:
 @click.option("--shape", default="32,64,56,56", show_default=True,
               help="With --kernel: the uint8 tensor shape N,C,... (rank 3 to 5).")
 @_json_option
-def bench_command(models: tuple[Path, ...], kernel: bool, backends: tuple[str, ...],
-                  batch_size: int, threads: tuple[int, ...], data: Path | None, warmup: int,
-                  repeats: int, shape: str, as_json: bool) -> None:
+@click.pass_context
+def bench_command(ctx: click.Context, models: tuple[Path, ...], kernel: bool,
+                  backends: tuple[str, ...], batch_size: int, threads: tuple[int, ...],
+                  data: Path | None, warmup: int, repeats: int, shape: str,
+                  as_json: bool) -> None:
     """Time MODELS (e.g. a float model and its quantized version) per backend and thread
     count, alternately in one run, with speed-ups against the first model; or, with --kernel,
-    the fused quantized BN-ReLU operator alone."""
+    the fused quantized BN-ReLU operator alone.
+
+    \b
+    Examples:
+      bnq bench samples/digits_cnn.onnx /tmp/digits_int8.onnx --threads 1
+      bnq bench --kernel --shape 8,64,56,56
+    """
+    from bnq.bench import bench_kernel, bench_models
+    from bnq.io import load_model
+    from bnq.machine import describe
+
+    if kernel:
+        _refuse(ctx, ("models", "backends", "batch_size", "data", "warmup"), "with --kernel")
+    else:
+        _refuse(ctx, ("shape",), "without --kernel (it sets the tensor of the operator alone)")
     machine = describe()
     threads = threads or tuple(sorted({1, machine.cores}))
     if kernel:
@@ -399,7 +471,22 @@ def bench_command(models: tuple[Path, ...], kernel: bool, backends: tuple[str, .
         _render_model_bench(report)
 
 
+def _refuse(ctx: click.Context, names: tuple[str, ...], reason: str) -> None:
+    """A usage error (exit code 2) for any of the parameters `names` the user gave: they do not
+    apply to the mode chosen, and ignoring them silently would mislead."""
+    for param in ctx.command.params:
+        if param.name in names and ctx.get_parameter_source(param.name) in (
+                click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
+            shown = param.human_readable_name if isinstance(param, click.Argument) \
+                else "/".join(param.opts)
+            raise click.UsageError(f"{shown} does not apply {reason}", ctx)
+
+
 def _bench_feeds(model, data: Path | None, batch_size: int) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    from bnq.data import SampleData, model_inputs
+
     specs = model_inputs(model)
     if data is not None:
         return next(SampleData(data, specs).batches(batch_size, batch_size))
@@ -420,13 +507,9 @@ def _machine_line(machine: Machine) -> str:
 
 
 def _render_model_bench(report: ModelBench) -> None:
-    table = Table(title=f"Latency, {report.repeats} rounds after {report.warmup} warm-up",
-                  title_justify="left", caption=_machine_line(report.machine),
-                  caption_justify="left")
-    for column in ("model", "backend", "batch", "threads", "median ms", "p90 ms", "samples/s",
-                   "speed-up"):
-        table.add_column(column, justify="left" if column in ("model", "backend") else "right",
-                         no_wrap=True)
+    numbers = ("batch", "threads", "median ms", "p90 ms", "samples/s", "speed-up")
+    table = _table(f"Latency, {report.repeats} rounds after {report.warmup} warm-up", "model",
+                   "backend", *numbers, right=numbers, caption=_machine_line(report.machine))
     for r in report.results:
         table.add_row(r.model, r.backend, str(r.batch_size), str(r.threads), f"{r.median_ms:.3f}",
                       f"{r.p90_ms:.3f}", f"{r.throughput:.1f}", f"{r.speedup:.2f}x")
@@ -435,11 +518,10 @@ def _render_model_bench(report: ModelBench) -> None:
 
 def _render_kernel_bench(machine: Machine, reports: list[KernelBench]) -> None:
     for report in reports:
-        table = Table(title=f"Quantized BN-ReLU on uint8 {list(report.shape)}, {report.threads} "
-                            f"thread(s), median of {report.repeats}", title_justify="left",
-                      caption=_machine_line(machine), caption_justify="left")
-        for column in ("path", "median ms", "p90 ms", f"vs {report.reference}", "max code diff"):
-            table.add_column(column, justify="left" if column == "path" else "right")
+        numbers = ("median ms", "p90 ms", f"vs {report.reference}", "max code diff")
+        table = _table(f"Quantized BN-ReLU on uint8 {list(report.shape)}, {report.threads} "
+                       f"thread(s), median of {report.repeats}", "path", *numbers, right=numbers,
+                       caption=_machine_line(machine))
         for path in report.paths:
             table.add_row(path.name, f"{path.median_ms:.2f}", f"{path.p90_ms:.2f}",
                           f"{path.speedup:.2f}x", str(path.max_code_diff))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -65,3 +68,61 @@ def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["--debug", "fuse", str(tmp_path / "x.onnx"), "-o",
                                       str(tmp_path / "y.onnx")])
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_every_command_shows_an_example_in_its_help():
+    for command in cli.commands:
+        result = invoke(command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Example" in result.output and f"bnq {command} " in result.output, command
+
+
+def test_help_loads_no_heavy_module():
+    """`bnq --help` must stay fast: numpy, onnx and onnxruntime load when a command runs."""
+    code = ("import sys\nfrom bnq.cli import main\nsys.argv = ['bnq', '--help']\ntry:\n main()\n"
+            "except SystemExit:\n pass\nprint(sorted(m for m in ('numpy', 'onnx', 'onnxruntime')"
+            " if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    assert "Usage: bnq" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_choices_spelled_in_the_cli_match_the_registries():
+    from bnq import cli as cli_module
+    from bnq.evaluate import BACKEND_CHOICES
+    from bnq.observers import OBSERVERS
+    from bnq.runtime import BACKENDS
+
+    assert cli_module.METHODS == tuple(OBSERVERS)
+    assert cli_module.BACKENDS == tuple(BACKENDS)
+    assert cli_module.BACKEND_CHOICES == tuple(BACKEND_CHOICES)
+    assert set(cli_module.BODY_WORDS) == {"float", "double", "table"}
+
+
+def test_arguments_of_the_other_mode_are_usage_errors():
+    for args, named in ((["bench", "--kernel", SAMPLE], "MODELS"),
+                        (["bench", "--kernel", "--backend", "numpy"], "--backend"),
+                        (["bench", "--kernel", "--warmup", "1"], "--warmup"),
+                        (["bench", SAMPLE, "--shape", "1,2,3"], "--shape")):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert named in result.stderr and "does not apply" in result.stderr
+
+
+def test_tables_never_cut_names():
+    from rich.console import Console
+
+    from bnq.cli import _table
+
+    name = "/residual/bn1/BatchNormalization_relu_with_a_very_long_name_output_0"
+    table = _table("t", "node", "SQNR (dB)", right=("SQNR (dB)",))
+    table.add_row(name, "12.34")
+    narrow = Console(width=40, record=True)
+    narrow.print(table)
+    text = narrow.export_text()
+    assert "…" not in text
+    assert name in "".join(line.strip("│ ").split("│")[0].strip() for line in text.splitlines())
+    wide = Console(width=1 << 16, record=True)  # what bnq uses when piped
+    wide.print(table)
+    assert name in wide.export_text()

@@ -1,0 +1,5 @@
+"""`python -m bnq`: the `bnq` command."""
+
+from bnq.cli import main
+
+main()
