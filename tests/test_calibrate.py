@@ -59,7 +59,7 @@ def test_sample_accuracy_and_sqnr_against_float(sample):
     actual = run_ort(quantized, {"input": x})[0]
     float_top1 = np.mean(reference.argmax(1) == labels)
     assert np.mean(actual.argmax(1) == labels) >= float_top1 - 0.003
-    assert sqnr_db(reference, actual) > 28
+    assert sqnr_db(reference, actual) > 32.33 - MARGIN_DB  # measured: README's 32.33 dB
 
 
 def test_fused_node_after_concat_reads_integer_branches_with_their_own_scales(sample):
@@ -89,8 +89,15 @@ def test_streaming_batch_size_does_not_change_minmax_results(sample):
     assert again.SerializeToString() == quantized.SerializeToString()
 
 
-@pytest.mark.parametrize("name", ["densenet_block", "preact_residual", "bn1d", "bn3d",
-                                  "conv_bn_relu_stem", "dynamo_densenet"])
+# SQNR of each model's output measured with this test's data (16 calibration samples, uint8
+# activations, 7-bit weights; numpy 2.4.6, onnxruntime 1.32.0, AMD EPYC): the test asks for the
+# measured value less 3 dB, a margin for other CPUs' float rounding, not for a real loss.
+MEASURED_SQNR_DB = {"densenet_block": 40.05, "preact_residual": 27.68, "bn1d": 39.58,
+                    "bn3d": 43.98, "conv_bn_relu_stem": 56.78, "dynamo_densenet": 40.05}
+MARGIN_DB = 3.0
+
+
+@pytest.mark.parametrize("name", sorted(MEASURED_SQNR_DB))
 def test_torch_exported_models_quantize_and_stay_close(tmp_path, name):
     model = load_model(ROOT / "tests" / "models" / f"{name}.onnx")
     rng = np.random.default_rng(0)
@@ -101,7 +108,8 @@ def test_torch_exported_models_quantize_and_stay_close(tmp_path, name):
                              formats=FORMATS, batch_size=5)
     onnx.checker.check_model(quantized, full_check=True)
     feeds = random_feeds(model, np.random.default_rng(1), dynamic=8)
-    assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 15
+    assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > (
+        MEASURED_SQNR_DB[name] - MARGIN_DB)
 
 
 def test_matmul_weights_are_quantized_per_column(tmp_path):
@@ -129,4 +137,4 @@ def test_matmul_weights_are_quantized_per_column(tmp_path):
     assert weight_entry.scale_max > 5 * weight_entry.scale_min
     assert op_counts(quantized)["QLinearBatchNormRelu"] == 1
     feeds = {"x": rng.standard_normal((32, 6)).astype(np.float32)}
-    assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 25
+    assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 35.63 - MARGIN_DB

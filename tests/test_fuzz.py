@@ -12,7 +12,8 @@ Valid small models (a hand-built Conv / BatchNormalization / Relu graph and the 
   and the arrays (dropped, retyped, reshaped).
 
 The contract: the library (`bnq.load_model` then `bnq.fuse` then `bnq.save_model`) raises only
-`BnqError`; the CLI exits 0 with a model that passes the full ONNX checker, or exits 1 with
+`BnqError`, and a model that fuses gives the mutant's outputs in onnxruntime (random inputs,
+to float rounding); the CLI exits 0 with a model that passes the full ONNX checker, or exits 1 with
 exactly one `Error: ...` line and no "internal error", leaving no output or temporary file; and
 no example takes longer than the hypothesis deadline (no hang).
 
@@ -35,6 +36,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from graphs import max_relative_error, random_feeds, run_ort
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -91,17 +93,41 @@ BASE_BYTES = {name: model.SerializeToString() for name, model in BASES.items()}
 # ---------------------------------------------------------------------------------------------
 # the contract
 
-def library_contract(path: Path, out: Path) -> None:
-    """load, fuse and save raise nothing but BnqError."""
+def library_contract(path: Path, out: Path) -> bool:
+    """load, fuse and save raise nothing but BnqError; a model that fuses computes what the
+    mutant computes (when onnxruntime runs the mutant). Returns whether outputs were compared."""
     try:
-        fused, _ = fuse(load_model(path))
+        model = load_model(path)
+        fused, _ = fuse(model)
         save_model(fused, out, overwrite=True)
         save_model(fused, out.with_suffix(".npz"), overwrite=True)
     except BnqError as error:
         assert "\n" not in str(error), str(error)
+        return False
     finally:
         for leftover in (out, out.with_suffix(".npz")):
             leftover.unlink(missing_ok=True)
+    return same_outputs(model, fused)
+
+
+def same_outputs(model: onnx.ModelProto, fused: onnx.ModelProto) -> bool:
+    """The fused model's outputs equal the mutant's in onnxruntime (to float rounding: folding
+    reorders products), NaN and infinities in the same places. False when onnxruntime cannot
+    run the mutant itself (a mutated type or shape): nothing to compare with."""
+    try:
+        feeds = random_feeds(model, np.random.default_rng(0))
+        expected = run_ort(model, feeds)
+    except Exception:  # noqa: BLE001 - whatever onnxruntime or numpy refuses
+        return False
+    actual = run_ort(fused, feeds)
+    assert len(actual) == len(expected)
+    for reference, got in zip(expected, actual):
+        assert reference.shape == got.shape and reference.dtype == got.dtype
+        finite = np.isfinite(reference)
+        np.testing.assert_array_equal(np.isnan(reference), np.isnan(got))
+        np.testing.assert_array_equal(reference[np.isinf(reference)], got[np.isinf(reference)])
+        assert max_relative_error(reference[finite], got[finite]) <= 1e-4
+    return True
 
 
 def cli_contract(path: Path) -> None:
@@ -411,5 +437,6 @@ def test_npz_model_mutants(tmp_path, data):
 def test_the_unmutated_models_fuse(tmp_path, name):
     """The fuzzing starts from models that work, so a failure is the mutation's doing."""
     check(tmp_path / "model.onnx", BASE_BYTES[name])
+    assert library_contract(tmp_path / "model.onnx", tmp_path / "library.onnx")  # compared
     fused, report = fuse(BASES[name])
     assert report.count("folded") + report.count("fused") >= 2

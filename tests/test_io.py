@@ -109,7 +109,7 @@ def test_files_that_are_not_models(tmp_path, content):
             load_model(path)
 
 
-def test_save_is_atomic_and_refuses_to_overwrite(tmp_path):
+def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     model = load_model(ROOT / "samples" / "digits_cnn.onnx")
     target = tmp_path / "out.onnx"
     target.write_bytes(b"precious")
@@ -123,13 +123,10 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path):
     def explode(*_args, **_kwargs):
         raise Boom
 
-    original = np.savez
-    np.savez = explode
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez", explode)
         with pytest.raises(Boom):
             save_model(model, tmp_path / "half.npz")
-    finally:
-        np.savez = original
     assert sorted(os.listdir(tmp_path)) == ["out.onnx"]  # no partial or temporary file left
     save_model(model, target, overwrite=True)
     assert load_model(target).graph.node

@@ -110,18 +110,17 @@ def _reference(case):
 
 @settings(max_examples=30, deadline=None)
 @given(cases())
-def test_matches_reference_and_torch(case):
+def test_matches_reference(case):
     y = _run(case)
     assert y.dtype == case["x"].dtype and y.shape == case["x"].shape
     np.testing.assert_array_equal(y, _reference(case))
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases())
+def test_matches_torch(torch, case):
     if case["x"].size and not _overflows_int32(case):
-        np.testing.assert_array_equal(y, torch_reference(*(case[k] for k in (
-            "x", "x_scale", "x_zero_point", "weight", "bias", "running_mean", "running_var",
-            "eps", "y_scale", "y_zero_point"))))
+        assert_matches_torch(_run(case), case)
 
 
 def _overflows_int32(case) -> bool:
@@ -161,15 +160,18 @@ def test_single_rounding_fma_on_a_constructed_tie(signed, bias_sign, expected):
     y = _run(case)
     assert int(y[0, 0, 1]) == expected
     np.testing.assert_array_equal(y, _reference(case))
-    assert_matches_torch(y, case)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bias_sign", [1.0, -1.0])
+def test_constructed_tie_matches_torch(torch, signed, bias_sign):
+    case = _tie_case(signed, bias_sign)
+    assert_matches_torch(_run(case), case)
 
 
 def assert_matches_torch(y, case):
-    """y equals PyTorch's output on `case`, when torch is installed."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return
+    """y equals PyTorch's output on `case` (callers take the `torch` fixture: skipped without
+    torch)."""
     np.testing.assert_array_equal(y, torch_reference(*(case[k] for k in (
         "x", "x_scale", "x_zero_point", "weight", "bias", "running_mean", "running_var", "eps",
         "y_scale", "y_zero_point"))))
@@ -200,7 +202,7 @@ def test_plan_reuse_empty_batch_and_strategies():
     c = 8
     plan = BnReluPlan(0.02, 128, rng.normal(1, .3, c), rng.normal(0, .5, c), rng.normal(0, .5, c),
                       rng.uniform(.5, 2, c), 1e-5, 0.03, 0)
-    assert sum(plan.strategies.values()) == c
+    assert plan.strategies["float"] == c     # ordinary parameters: the fastest path everywhere
     assert plan(np.zeros((0, c, 4, 4), np.uint8)).shape == (0, c, 4, 4)
     x = rng.integers(0, 256, (4, c, 64, 70), dtype=np.uint8)       # large: the blocked path
     np.testing.assert_array_equal(plan(x), plan.table[np.arange(c)[None, :, None, None], x])
@@ -253,9 +255,10 @@ def _plan_case(rng, channels, in_dtype, out_dtype, gain):
 
 
 @pytest.mark.parametrize("in_dtype", [np.uint8, np.int8])
-@pytest.mark.parametrize("out_dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("gain", [0.3, 1.0, 2.5])
-@pytest.mark.parametrize("kind", ["float", "float_int16", "int32"])
+@pytest.mark.parametrize("kind, out_dtype", [("float", np.uint8),  # the float path: uint8 only
+                                             ("float_int16", np.uint8), ("float_int16", np.int8),
+                                             ("int32", np.uint8), ("int32", np.int8)])
 def test_forced_fast_path_equals_table_on_every_code(in_dtype, out_dtype, gain, kind, monkeypatch):
     """Each arithmetic path, forced on every channel it has constants for (no re-check against
     the table), reproduces the table on all 256 codes, in uneven blocks."""
@@ -268,9 +271,6 @@ def test_forced_fast_path_equals_table_on_every_code(in_dtype, out_dtype, gain, 
     code = {"float": fastpath._FLOAT, "float_int16": fastpath._FLOAT_I16,
             "int32": fastpath._I32}[kind]
     usable = fast._usable[code] & (fast._kind != fastpath._CONST)
-    if kind == "float" and out_dtype is np.int8:
-        assert not usable.any()                          # uint8 output only
-        return
     # exact plateau ends are rare for the clamped float line when steps skip output values
     assert usable.sum() >= (1 if kind == "float" and gain > 1 else c // 2)
     fast._kind = np.where(usable, code, fastpath._TABLE)
@@ -281,22 +281,33 @@ def test_forced_fast_path_equals_table_on_every_code(in_dtype, out_dtype, gain, 
     np.testing.assert_array_equal(y, plan.table[np.arange(c)[None, :, None, None], x.view(np.uint8)])
 
 
-@pytest.mark.parametrize("in_dtype", [np.uint8, np.int8])
-@pytest.mark.parametrize("gain", [0.2, 1.0, 3.0])
-def test_large_input_matches_reference_and_torch(in_dtype, gain):
+def _large_case(in_dtype, gain):
+    """12 channels of ordinary parameters and a (2, 12, 48, 48) input: the blocked fast path."""
     rng = np.random.default_rng(int(gain * 100))
     c = 12
     params = _plan_case(rng, c, in_dtype, np.dtype(in_dtype).type, gain)
     lo, hi = RANGES[in_dtype]
-    x = rng.integers(lo, hi + 1, (2, c, 48, 48)).astype(in_dtype)
-    plan = BnReluPlan(**params, in_dtype=in_dtype)
+    return dict(x=rng.integers(lo, hi + 1, (2, c, 48, 48)).astype(in_dtype), **params)
+
+
+@pytest.mark.parametrize("in_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("gain", [0.2, 1.0, 3.0])
+def test_large_input_matches_reference(in_dtype, gain):
+    case = _large_case(in_dtype, gain)
+    x, c = case["x"], case["x"].shape[1]
+    plan = BnReluPlan(**{k: v for k, v in case.items() if k != "x"}, in_dtype=in_dtype)
     y = plan(x)
     assert plan.strategies["table"] <= 1
-    case = dict(x=x, **params)
     small = dict(case, x=x[:, :, :1, :256 // 48 + 1])
     np.testing.assert_array_equal(_run(small), _reference(small))
     np.testing.assert_array_equal(y, plan.table[np.arange(c)[None, :, None, None], x.view(np.uint8)])
-    assert_matches_torch(y, case)
+
+
+@pytest.mark.parametrize("in_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("gain", [0.2, 1.0, 3.0])
+def test_large_input_matches_torch(torch, in_dtype, gain):
+    case = _large_case(in_dtype, gain)
+    assert_matches_torch(_run(case), case)
 
 
 def test_float_lines_margin_and_range():

@@ -3,6 +3,7 @@ against the NumPy kernel, and the checker on a model holding the node and its fu
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,6 @@ from bnq.qops import (
     qlinear_bn_relu_function,
 )
 
-ort = pytest.importorskip("onnxruntime")
 RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}
 ONNX_TYPES = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
 
