@@ -329,13 +329,14 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
               help="Which runtime runs QUANTIZED; 'both' also compares the fused nodes' two "
                    "kernel paths code for code.")
 @click.option("--labels", default="labels", show_default=True,
-              help="Key of the labels array in DATA, for top-1 accuracy.")
+              help="Key of the labels array in DATA, for top-1/top-5 accuracy.")
 @_json_option
 def evaluate_command(quantized: Path, reference: Path, data: Path, batch_size: int,
                      num_samples: int | None, backend: str, labels: str, as_json: bool) -> None:
-    """Compare QUANTIZED with its float REFERENCE on DATA: top-1 accuracy and agreement, SQNR,
-    cosine similarity and errors of each output, and the SQNR of every fused BN-ReLU node's
-    output, worst first, so you see where quantization error enters.
+    """Compare QUANTIZED with its float REFERENCE on DATA: for each output the figures that fit
+    it (top-1/top-5 agreement and accuracy for classification scores; SQNR, cosine, errors, and
+    IoU at 0.5 for maps in [0, 1]), then the SQNR of every quantized tensor against the float
+    tensor at the same place, worst first, so you see where quantization error enters.
 
     \b
     Example:
@@ -367,35 +368,35 @@ def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
+# The terminal shows this many layers; --json and --report hold them all.
+LAYERS_SHOWN = 20
+
+
 def _render_evaluation(report: EvaluationReport) -> None:
-    summary = Table(title=f"{report.samples} samples, backend {report.backend}",
-                    title_justify="left", show_header=False)
-    summary.add_column("what")
-    summary.add_column("value", justify="right")
-    if report.top1_accuracy is not None:
-        ref, got = report.top1_accuracy["reference"], report.top1_accuracy["quantized"]
-        summary.add_row("top-1 accuracy, float", f"{100 * ref:.2f}%")
-        summary.add_row("top-1 accuracy, quantized", f"{100 * got:.2f}%")
-        summary.add_row("accuracy drop", f"{100 * (ref - got):+.2f} points")
-    summary.add_row("top-1 agreement", f"{100 * report.top1_agreement:.2f}%")
-    for output in report.outputs:
-        summary.add_row(f"{output.name}: SQNR", f"{output.sqnr_db:.2f} dB")
-        summary.add_row(f"{output.name}: cosine", f"{output.cosine:.6f}")
-        summary.add_row(f"{output.name}: max / mean abs error",
-                        f"{output.max_abs_error:.4g} / {output.mean_abs_error:.4g}")
-    if report.backend_max_lsb_diff is not None:
-        summary.add_row("numpy vs onnxruntime, fused nodes", f"{report.backend_max_lsb_diff} LSB")
+    from bnq.report import summary_rows
+
+    summary = _table(f"{report.samples} samples, backend {report.backend}", "what", "value",
+                     right=("value",), show_header=False)
+    for row in summary_rows(report):
+        summary.add_row(*row)
     out.print(summary)
-    if report.per_node:
-        numbers = ("SQNR (dB)", "", *(("LSB diff",) if report.backend_max_lsb_diff is not None
-                                      else ()))
-        nodes = _table("Fused BN-ReLU nodes, worst first", "node", *numbers, right=numbers)
-        for node in report.per_node:
-            row = [node.node, f"{node.sqnr_db:.2f}", _bar(node.sqnr_db)]
-            if node.backend_max_lsb_diff is not None:
-                row.append(str(node.backend_max_lsb_diff))
-            nodes.add_row(*row)
-        out.print(nodes)
+    if not report.layers:
+        return
+    both = report.backend_max_lsb_diff is not None
+    numbers = ("SQNR (dB)", "", "clipped", *(("LSB diff",) if both else ()))
+    layers = _table(f"Quantized tensors against the float model, worst first "
+                    f"({min(len(report.layers), LAYERS_SHOWN)} of {len(report.layers)})",
+                    "tensor", "op", *numbers, right=numbers)
+    for layer in report.layers[:LAYERS_SHOWN]:
+        row = [layer.tensor, layer.op, f"{layer.sqnr_db:.2f}", _bar(layer.sqnr_db),
+               f"{100 * layer.clipped:.3f}%"]
+        if both:
+            row.append("" if layer.backend_max_lsb_diff is None
+                       else str(layer.backend_max_lsb_diff))
+        layers.add_row(*row)
+    out.print(layers)
+    if len(report.layers) > LAYERS_SHOWN:
+        out.print(f"{len(report.layers) - LAYERS_SHOWN} more in --json and --report")
 
 
 @cli.command("bench", short_help="Time models per backend and thread count, or the operator alone.")

@@ -1,18 +1,26 @@
-"""How good a quantized model is: its outputs and every fused node's output against the float
-model, on the user's data.
+"""How good a quantized model is: its outputs, and every quantized tensor inside it, against the
+float model, on the user's data (the formulas are in `bnq.metrics`).
 
-For outputs y (float model) and y_q (quantized model), accumulated over all samples:
+Each output gets the figures that fit it. A classification output (N x K scores, K > 1) gets
+top-1 and top-5 agreement between the models and, with labels, each model's top-1 and top-5
+accuracy; every output gets SQNR, cosine and absolute errors, and an output whose values all
+lie in [0, 1] (a probability map) the IoU of both maps thresholded at 0.5.
 
-    SQNR   = 10 log10( sum y^2 / sum (y - y_q)^2 )  dB     (inf when they are equal)
-    cosine = sum y y_q / sqrt( sum y^2  sum y_q^2 )
-    top-1 agreement = mean( argmax y == argmax y_q ),  top-1 accuracy against the labels
+Per layer: every quantized activation of the quantized model against the float model's tensor
+at the same place, found from the graph's quantization nodes, not from names: the codes written
+by a QuantizeLinear of a float tensor x (compared with x), and the codes of an integer op (bnq's
+QLinearBatchNormRelu, an integer Concat, ...) read by a DequantizeLinear that writes y (compared
+with y; fusion and calibration keep the float tensor's name). The codes are fetched, not their
+dequantized copies: asking onnxruntime for a DequantizeLinear's output would stop it from fusing
+that node into its integer kernels and measure another model. Each layer also gets the
+histogram of its float values over its calibrated range (the codes' range dequantized) and the
+fraction of values outside that range (clipped).
 
-Per fused node: the dequantized output of each `bnq.QLinearBatchNormRelu` against the float model's
-tensor of the same name (fusion and calibration keep the Relu's output name), so the table shows
-where quantization error enters. With both backends, each fused node is also run by the numpy
-kernel on the very input codes onnxruntime gave it, and the largest difference between the two
-output codes is reported in quantization steps: the two kernel paths of the operator, compared
-on real activations.
+With both backends, each fused BN-ReLU node is also run by the numpy kernel on the very input
+codes onnxruntime gave it, and the largest difference between the two output codes is reported
+in quantization steps: the two kernel paths of the operator, compared on real activations.
+
+All figures are accumulated batch by batch in mergeable accumulators (`bnq.metrics`).
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from onnx import helper
 from bnq import ops
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, DataError
-from bnq.graph import constant_values, consumers, with_outputs
+from bnq.graph import constant_values, producers, with_outputs
 from bnq.kernels import BnReluPlan
+from bnq.metrics import ClassAgreement, ErrorSums, Histogram
 from bnq.runtime import BACKENDS, make_runner
 
 BACKEND_CHOICES = (*BACKENDS, "both")
@@ -37,17 +46,28 @@ BACKEND_CHOICES = (*BACKENDS, "both")
 @dataclass(frozen=True)
 class OutputMetrics:
     name: str
+    kind: str  # "classification" (N x K scores) or "dense"
     sqnr_db: float
     cosine: float
     max_abs_error: float
     mean_abs_error: float
+    iou: float | None = None  # maps in [0, 1], thresholded at 0.5
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None  # classification with more than 5 classes
+    accuracy: dict[str, dict[str, float]] | None = None  # {"reference"|"quantized": {"top1", "top5"}}
 
 
 @dataclass(frozen=True)
-class NodeMetrics:
-    node: str
+class LayerMetrics:
     tensor: str
+    op: str  # what writes the codes: an integer op (QLinearBatchNormRelu...), or the float op
+    #          (or "input") whose output a QuantizeLinear quantizes
     sqnr_db: float
+    mean_abs_error: float
+    range: tuple[float, float]  # the calibrated range: the codes' range, dequantized
+    clipped: float  # fraction of the float values outside `range`
+    histogram: tuple[int, ...]  # float values in equal bins over `histogram_range`
+    histogram_range: tuple[float, float]
     backend_max_lsb_diff: int | None = None
 
 
@@ -55,61 +75,104 @@ class NodeMetrics:
 class EvaluationReport:
     samples: int
     backend: str
-    top1_accuracy: dict[str, float] | None
-    top1_agreement: float
-    sqnr_db: float
+    top1_accuracy: dict[str, float] | None  # of the first classification output, with labels
+    top1_agreement: float | None  # of the first classification output
+    sqnr_db: float  # of the first output, as the next two
     cosine: float
     max_abs_error: float
     outputs: tuple[OutputMetrics, ...]
-    per_node: tuple[NodeMetrics, ...]
+    layers: tuple[LayerMetrics, ...]  # every quantized activation, worst SQNR first
     backend_max_lsb_diff: int | None
 
 
-class _Sums:
-    """Streaming sums for SQNR, cosine and absolute errors."""
-
-    def __init__(self) -> None:
-        self.signal = self.noise = self.cross = self.power = self.abs_sum = 0.0
-        self.abs_max = 0.0
-        self.count = 0
-
-    def add(self, reference: np.ndarray, actual: np.ndarray) -> None:
-        reference = reference.astype(np.float64).ravel()
-        actual = actual.astype(np.float64).ravel()
-        error = reference - actual
-        self.signal += float(reference @ reference)
-        self.noise += float(error @ error)
-        self.cross += float(reference @ actual)
-        self.power += float(actual @ actual)
-        self.abs_sum += float(np.abs(error).sum())
-        self.abs_max = max(self.abs_max, float(np.abs(error).max(initial=0.0)))
-        self.count += reference.size
-
-    def sqnr_db(self) -> float:
-        if self.noise == 0:
-            return float("inf")
-        return float(10 * np.log10(self.signal / self.noise)) if self.signal else float("-inf")
-
-    def cosine(self) -> float:
-        denominator = np.sqrt(self.signal * self.power)
-        return float(self.cross / denominator) if denominator else 1.0
-
-
 @dataclass(frozen=True)
-class _FusedNode:
-    node: onnx.NodeProto
-    tensor: str  # the float (dequantized) output name, shared with the reference model
+class QuantizedTensor:
+    """A quantized activation: integer `codes` in the quantized model that stand for the float
+    `tensor` of the reference model, as codes * scale - zero_point * scale (per `axis`)."""
+
+    tensor: str
+    codes: str
+    op: str  # what writes the codes: the integer op, or for a QuantizeLinear what writes its input
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        """DequantizeLinear's float32 arithmetic: (codes - zero_point) * scale."""
+        shape = [1] * codes.ndim
+        if self.scale.size > 1:
+            shape[self.axis % codes.ndim] = -1
+        return ((codes.astype(np.float32) - self.zero_point.astype(np.float32).reshape(shape))
+                * self.scale.reshape(shape))
+
+    def calibrated_range(self) -> tuple[float, float]:
+        info = np.iinfo(self.zero_point.dtype)
+        zero_point = self.zero_point.astype(np.float64)
+        low = (info.min - zero_point) * self.scale
+        high = (info.max - zero_point) * self.scale
+        return float(low.min()), float(high.max())
 
 
-def _fused_nodes(model: onnx.ModelProto) -> list[_FusedNode]:
-    readers = consumers(model.graph)
-    found = []
-    for node in model.graph.node:
-        if node.domain == ops.DOMAIN and node.op_type == "QLinearBatchNormRelu":
-            dequantize = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
-            if dequantize:
-                found.append(_FusedNode(node, dequantize[0].output[0]))
-    return found
+def quantized_tensors(quantized: onnx.ModelProto,
+                      reference_names: set[str]) -> list[QuantizedTensor]:
+    """Every quantized activation of `quantized` whose float counterpart is in
+    `reference_names` (see the module docstring), once per float tensor, in graph order."""
+    constants = constant_values(quantized)
+    writers = producers(quantized.graph)
+    found: dict[str, QuantizedTensor] = {}
+    for node in quantized.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in (
+                "", "ai.onnx") or node.input[0] in constants:
+            continue
+        if node.op_type == "QuantizeLinear":
+            tensor, codes = node.input[0], node.output[0]
+            op = writers[tensor].op_type if tensor in writers else "input"
+        elif getattr(writers.get(node.input[0]), "op_type", None) not in ("QuantizeLinear", None):
+            tensor, codes = node.output[0], node.input[0]
+            op = writers[codes].op_type
+        else:
+            continue  # the QuantizeLinear writing these codes is the place measured
+        scale = constants.get(node.input[1])
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 else None
+        if (tensor in found or tensor not in reference_names or scale is None
+                or zero_point is None or zero_point.dtype.kind not in "iu"):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        found[tensor] = QuantizedTensor(tensor, codes, op, scale.astype(np.float32), zero_point,
+                                        axis)
+    return list(found.values())
+
+
+class _Layer:
+    """The accumulators of one quantized tensor."""
+
+    def __init__(self, quantized: QuantizedTensor) -> None:
+        self.quantized = quantized
+        self.range = quantized.calibrated_range()
+        margin = 0.25 * (self.range[1] - self.range[0]) or 1.0
+        self.errors = ErrorSums()
+        self.histogram = Histogram(self.range[0] - margin, self.range[1] + margin)
+        self.clipped = 0
+        self.lsb: int | None = None
+
+    def update(self, reference: np.ndarray, codes: np.ndarray) -> None:
+        self.errors.update(reference, self.quantized.dequantize(codes))
+        self.histogram.update(reference)
+        self.clipped += int(np.count_nonzero((reference < self.range[0])
+                                             | (reference > self.range[1])))
+
+    def result(self) -> LayerMetrics:
+        return LayerMetrics(
+            self.quantized.tensor, self.quantized.op, self.errors.sqnr_db(), self.errors.mean_abs_error(),
+            self.range, self.clipped / max(self.errors.count, 1),
+            tuple(int(c) for c in self.histogram.counts),
+            (self.histogram.start, self.histogram.stop), self.lsb)
+
+
+def _is_classification(shape: tuple[int, ...]) -> bool:
+    """N x K scores (trailing 1s allowed, as N x K x 1 x 1), K > 1."""
+    dims = [d for d in shape[1:] if d != 1]
+    return len(shape) >= 2 and len(dims) == 1 and dims[0] == shape[1]
 
 
 def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: SampleData, *,
@@ -123,68 +186,96 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
     if [value.name for value in quantized.graph.output] != outputs:
         raise ArgumentError("the quantized model's outputs differ from the reference model's "
                             f"({', '.join(outputs)}): is it the quantized version of it?")
-    reference_names = {name for node in reference.graph.node for name in node.output}
-    fused = [f for f in _fused_nodes(quantized) if f.tensor in reference_names]
-    probes = [f.tensor for f in fused]
-    reference_probe = with_outputs(reference, probes)
+    reference_names = set(producers(reference.graph)) | {v.name for v in reference.graph.input}
+    layers = [_Layer(q) for q in quantized_tensors(quantized, reference_names)]
+    fused = _fused_nodes(quantized) if backend == "both" else []
+    inputs = {value.name for value in reference.graph.input}
+    reference_probe = with_outputs(reference, [layer.quantized.tensor for layer in layers
+                                               if layer.quantized.tensor not in inputs])
     run_reference = _by_name(make_runner(reference_probe, "onnxruntime"), reference_probe)
     primary = "onnxruntime" if backend == "both" else backend
-    codes = [name for f in fused for name in (f.node.input[0], f.node.output[0])]
-    quantized_probe = with_outputs(quantized, probes + (codes if backend == "both" else []))
+    quantized_probe = with_outputs(
+        quantized, [layer.quantized.codes for layer in layers]
+        + [name for node in fused for name in (node.input[0], node.output[0])])
     run_quantized = _by_name(make_runner(quantized_probe, primary), quantized_probe)
-    kernels = _node_kernels(quantized, fused) if backend == "both" else None
+    kernels = {node.output[0]: kernel
+               for node, kernel in zip(fused, _node_kernels(quantized, fused))}
+    lsb = {codes: 0 for codes in kernels}
     labelled = labels is not None and data.has(labels)
-    output_sums = [_Sums() for _ in outputs]
-    node_sums = [_Sums() for _ in fused]
-    lsb = [0] * len(fused)
-    correct = {"reference": 0, "quantized": 0}
-    agree = samples = 0
+    output_sums = {name: ErrorSums() for name in outputs}
+    classes: dict[str, ClassAgreement] = {}
+    samples = 0
     for batch in data.batches(batch_size, num_samples, keys=(labels,) if labelled else ()):
         truth = batch.pop(labels) if labelled else None
-        expected = run_reference(batch)
+        expected = {**batch, **run_reference(batch)}
         actual = run_quantized(batch)
-        for name, sums in zip(outputs, output_sums):
+        for name in outputs:
             if expected[name].shape != actual[name].shape:
                 raise DataError(f"output {name!r} has shape {list(actual[name].shape)} in the "
                                 f"quantized model but {list(expected[name].shape)} in the "
                                 "reference: is it the quantized version of it?")
-            sums.add(expected[name], actual[name])
-        for f, sums in zip(fused, node_sums):
-            sums.add(expected[f.tensor], actual[f.tensor])
-        if kernels is not None:
-            for index, (f, kernel) in enumerate(zip(fused, kernels)):
-                diff = np.abs(kernel(actual[f.node.input[0]]).astype(np.int32)
-                              - actual[f.node.output[0]].astype(np.int32))
-                lsb[index] = max(lsb[index], int(diff.max(initial=0)))
-        top_expected, top_actual = _top1(expected[outputs[0]]), _top1(actual[outputs[0]])
-        agree += int(np.sum(top_expected == top_actual))
-        if truth is not None:
-            if truth.dtype.kind not in "iu":
-                raise DataError(f"{data.path}: {labels!r} holds {truth.dtype} values; labels "
-                                "must be integer class indices")
-            truth = truth.reshape(-1)
-            if truth.shape != top_expected.shape:
-                raise DataError(f"{labels!r} holds {truth.size} labels for a batch of "
-                                f"{top_expected.size} samples")
-            correct["reference"] += int(np.sum(top_expected == truth))
-            correct["quantized"] += int(np.sum(top_actual == truth))
-        samples += len(top_expected)
+            output_sums[name].update(expected[name], actual[name])
+            if samples == 0 and _is_classification(expected[name].shape):
+                classes[name] = ClassAgreement()
+        for layer in layers:
+            layer.update(expected[layer.quantized.tensor], actual[layer.quantized.codes])
+        for node in fused:
+            diff = np.abs(kernels[node.output[0]](actual[node.input[0]]).astype(np.int32)
+                          - actual[node.output[0]].astype(np.int32))
+            lsb[node.output[0]] = max(lsb[node.output[0]], int(diff.max(initial=0)))
+        for index, (name, agreement) in enumerate(classes.items()):
+            agreement.update(expected[name], actual[name],
+                             _labels(truth, len(expected[name]), data, labels) if index == 0
+                             and truth is not None else None)
+        count = len(expected[outputs[0]])
+        samples += count
         if progress is not None:
-            progress(len(top_expected))
-    metrics = tuple(OutputMetrics(name, s.sqnr_db(), s.cosine(), s.abs_max,
-                                  s.abs_sum / max(s.count, 1))
-                    for name, s in zip(outputs, output_sums))
-    per_node = tuple(sorted(
-        (NodeMetrics(f.node.name or f.tensor, f.tensor, s.sqnr_db(),
-                     lsb[i] if kernels is not None else None)
-         for i, (f, s) in enumerate(zip(fused, node_sums))),
-        key=lambda m: m.sqnr_db))
+            progress(count)
+    fused_codes = {node.output[0]: lsb[node.output[0]] for node in fused}
+    for layer in layers:  # a fused node's output codes are read by the DequantizeLinear after it
+        layer.lsb = fused_codes.get(layer.quantized.codes)
+    metrics = tuple(_output_metrics(name, output_sums[name], classes.get(name))
+                    for name in outputs)
+    first_class = next(iter(classes.values()), None)
+    top1 = first_class.accuracy(1) if first_class is not None else None
     return EvaluationReport(
-        samples=samples, backend=backend,
-        top1_accuracy={k: v / samples for k, v in correct.items()} if labelled else None,
-        top1_agreement=agree / samples, sqnr_db=metrics[0].sqnr_db, cosine=metrics[0].cosine,
-        max_abs_error=metrics[0].max_abs_error, outputs=metrics, per_node=per_node,
-        backend_max_lsb_diff=max(lsb, default=0) if kernels is not None else None)
+        samples=samples, backend=backend, top1_accuracy=top1,
+        top1_agreement=first_class.agreement(1) if first_class is not None else None,
+        sqnr_db=metrics[0].sqnr_db, cosine=metrics[0].cosine,
+        max_abs_error=metrics[0].max_abs_error, outputs=metrics,
+        layers=tuple(sorted((layer.result() for layer in layers), key=lambda m: m.sqnr_db)),
+        backend_max_lsb_diff=max(lsb.values(), default=0) if backend == "both" else None)
+
+
+def _labels(truth: np.ndarray, count: int, data: SampleData, key: str) -> np.ndarray:
+    if truth.dtype.kind not in "iu":
+        raise DataError(f"{data.path}: {key!r} holds {truth.dtype} values; labels must be "
+                        "integer class indices")
+    truth = truth.reshape(-1)
+    if truth.size != count:
+        raise DataError(f"{key!r} holds {truth.size} labels for a batch of {count} samples")
+    return truth
+
+
+def _output_metrics(name: str, sums: ErrorSums, classes: ClassAgreement | None) -> OutputMetrics:
+    common = dict(name=name, sqnr_db=sums.sqnr_db(), cosine=sums.cosine(),
+                  max_abs_error=sums.abs_max, mean_abs_error=sums.mean_abs_error(),
+                  iou=sums.iou())
+    if classes is None:
+        return OutputMetrics(kind="dense", **common)
+    ks = (1, 5) if classes.classes > 5 else (1,)  # top-5 of 5 classes or fewer is always right
+    accuracy = None
+    if classes.labelled:
+        by_k = {k: classes.accuracy(k) for k in ks}
+        accuracy = {model: {f"top{k}": by_k[k][model] for k in ks} for model in by_k[1]}
+    return OutputMetrics(kind="classification", **common, top1_agreement=classes.agreement(1),
+                         top5_agreement=classes.agreement(5) if 5 in ks else None,
+                         accuracy=accuracy)
+
+
+def _fused_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node
+            if node.domain == ops.DOMAIN and node.op_type == "QLinearBatchNormRelu"]
 
 
 def _by_name(run: Callable, model: onnx.ModelProto) -> Callable[[dict], dict[str, np.ndarray]]:
@@ -193,19 +284,14 @@ def _by_name(run: Callable, model: onnx.ModelProto) -> Callable[[dict], dict[str
     return lambda feeds: dict(zip(names, run(feeds)))
 
 
-def _top1(output: np.ndarray) -> np.ndarray:
-    """The predicted class of each sample: argmax over everything but the batch axis."""
-    return output.reshape(len(output), -1).argmax(axis=1)
-
-
-def _node_kernels(model: onnx.ModelProto, fused: list[_FusedNode]) -> list[BnReluPlan]:
+def _node_kernels(model: onnx.ModelProto, fused: list[onnx.NodeProto]) -> list[BnReluPlan]:
     """For each fused node, bnq's numpy kernel built with the node's constant parameters."""
     constants = constant_values(model)
     kernels = []
-    for f in fused:
+    for node in fused:
         x_scale, x_zero_point, weight, bias, mean, var, y_scale, y_zero_point = (
-            constants[name] for name in f.node.input[1:])
-        epsilon = next((helper.get_attribute_value(a) for a in f.node.attribute
+            constants[name] for name in node.input[1:])
+        epsilon = next((helper.get_attribute_value(a) for a in node.attribute
                         if a.name == "epsilon"), 1e-5)
         kernels.append(BnReluPlan(x_scale, x_zero_point, weight, bias, mean, var, epsilon,
                                   y_scale, y_zero_point, in_dtype=x_zero_point.dtype,

@@ -54,24 +54,38 @@ def test_figures_match_an_independent_computation(models):
     assert report.top1_accuracy == pytest.approx(
         {"reference": np.mean(expected.argmax(1) == labels),
          "quantized": np.mean(actual.argmax(1) == labels)})
-    sqnrs = [node.sqnr_db for node in report.per_node]
-    assert len(sqnrs) == 6 and sqnrs == sorted(sqnrs)
+    sqnrs = [layer.sqnr_db for layer in report.layers]
+    assert sqnrs == sorted(sqnrs)
+    assert sum(layer.op == "QLinearBatchNormRelu" for layer in report.layers) == 6
+    quantize_inputs = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"
+                       and n.input[0] not in {t.name for t in quantized.graph.initializer}}
+    assert quantize_inputs <= {layer.tensor for layer in report.layers}
 
 
 def test_a_broken_node_is_reported_worst(models):
     reference, quantized = models
-    before = {n.node: n.sqnr_db for n in evaluate(quantized, reference, eval_data(reference)).per_node}
+    before = {layer.tensor: layer.sqnr_db
+              for layer in evaluate(quantized, reference, eval_data(reference)).layers
+              if layer.op == "QLinearBatchNormRelu"}
     broken = onnx.ModelProto()
     broken.CopyFrom(quantized)
+    best = max(before, key=before.get)  # break the best fused node: its output becomes worst
     victim = next(n for n in broken.graph.node if n.op_type == "QLinearBatchNormRelu"
-                  and n.name == max(before, key=before.get))  # break the best node
+                  and any(d.input[0] == n.output[0] and d.output[0] == best
+                          for d in broken.graph.node))
     for tensor in broken.graph.initializer:
         if tensor.name == victim.input[1]:  # its input scale, 1.5 times too large
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 1.5,
                                                     tensor.name))
     report = evaluate(broken, reference, eval_data(reference))
-    assert report.per_node[0].node == victim.name
-    assert report.per_node[0].sqnr_db < before[victim.name] - 10
+    after = {layer.tensor: layer.sqnr_db for layer in report.layers}
+    assert after[best] < before[best] - 10
+    # where the error enters: the first tensor in graph order that got worse is the node's output
+    order = [name for node in reference.graph.node for name in node.output]
+    healthy = {layer.tensor: layer.sqnr_db
+               for layer in evaluate(quantized, reference, eval_data(reference)).layers}
+    worse = [name for name in order if name in after and after[name] < healthy[name] - 3]
+    assert worse[0] == best and report.layers[0].sqnr_db < before[best] - 10
 
 
 def test_both_backends_agree_code_for_code_on_every_fused_node(models):
@@ -79,7 +93,8 @@ def test_both_backends_agree_code_for_code_on_every_fused_node(models):
     report = evaluate(quantized, reference, eval_data(reference), backend="both", num_samples=128)
     assert report.samples == 128
     assert report.backend_max_lsb_diff == 0
-    assert all(node.backend_max_lsb_diff == 0 for node in report.per_node)
+    checked = [layer for layer in report.layers if layer.backend_max_lsb_diff is not None]
+    assert len(checked) == 6 and all(layer.backend_max_lsb_diff == 0 for layer in checked)
 
 
 def test_cli_json_has_the_documented_keys(models, tmp_path):
@@ -90,9 +105,11 @@ def test_cli_json_has_the_documented_keys(models, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"samples", "top1_accuracy", "top1_agreement", "sqnr_db", "cosine", "max_abs_error",
-            "per_node", "backend_max_lsb_diff"} <= set(report)
+            "outputs", "layers", "backend_max_lsb_diff"} <= set(report)
     assert set(report["top1_accuracy"]) == {"reference", "quantized"}
-    assert all({"node", "sqnr_db"} <= set(node) for node in report["per_node"])
+    assert all({"tensor", "op", "sqnr_db", "range", "clipped", "histogram"} <= set(layer)
+               for layer in report["layers"])
+    assert report["outputs"][0]["kind"] == "classification"
     assert report["backend_max_lsb_diff"] == 0
 
 

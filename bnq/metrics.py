@@ -1,0 +1,174 @@
+"""Streaming comparison metrics: accumulators fed one batch at a time (`update`) that can be
+combined (`merge`), so that batches, subsets of tensors or workers may be measured apart and
+summed. Every sum is exact to float64 rounding and independent of batch order up to it.
+
+For a float tensor y and its quantized counterpart y_q, over all samples:
+
+    SQNR   = 10 log10( sum y^2 / sum (y - y_q)^2 )  dB       (inf when they are equal)
+    cosine = sum y y_q / sqrt( sum y^2  sum y_q^2 )
+    IoU    = |{y > 0.5} and {y_q > 0.5}| / |{y > 0.5} or {y_q > 0.5}|
+             reported only when every value of both lies in [0, 1] (probability maps)
+
+For classification outputs (N x K scores):
+
+    top-k agreement = mean( argmax y is among the k largest of y_q )
+    top-k accuracy  = mean( label is among the k largest scores ), for each model
+
+The sums use `np.einsum` and elementwise reductions, never `@`/`np.dot`: those go through BLAS,
+whose threads made `bnq evaluate` 3-4 times slower on a busy 2-core machine (small float64
+products through threaded OpenBLAS), for sums that need no BLAS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HISTOGRAM_BINS = 64
+
+
+def _sum_of_products(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.einsum("i,i->", a, b))
+
+
+@dataclass
+class ErrorSums:
+    """Sums for SQNR, cosine, absolute errors and the IoU of maps thresholded at 0.5."""
+
+    signal: float = 0.0        # sum y^2
+    noise: float = 0.0         # sum (y - y_q)^2
+    cross: float = 0.0         # sum y y_q
+    power: float = 0.0         # sum y_q^2
+    abs_sum: float = 0.0
+    abs_max: float = 0.0
+    count: int = 0
+    low: float = math.inf      # smallest value of y or y_q
+    high: float = -math.inf    # largest value of y or y_q
+    intersection: int = 0      # y > 0.5 and y_q > 0.5
+    union: int = 0             # y > 0.5 or y_q > 0.5
+
+    def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
+        reference = np.asarray(reference, dtype=np.float64).ravel()
+        actual = np.asarray(actual, dtype=np.float64).ravel()
+        if reference.size == 0:
+            return
+        error = reference - actual
+        self.signal += _sum_of_products(reference, reference)
+        self.noise += _sum_of_products(error, error)
+        self.cross += _sum_of_products(reference, actual)
+        self.power += _sum_of_products(actual, actual)
+        np.abs(error, out=error)
+        self.abs_sum += float(error.sum())
+        self.abs_max = max(self.abs_max, float(error.max()))
+        self.count += reference.size
+        self.low = min(self.low, float(reference.min()), float(actual.min()))
+        self.high = max(self.high, float(reference.max()), float(actual.max()))
+        above, above_q = reference > 0.5, actual > 0.5
+        self.intersection += int(np.count_nonzero(above & above_q))
+        self.union += int(np.count_nonzero(above | above_q))
+
+    def merge(self, other: ErrorSums) -> None:
+        for name in ("signal", "noise", "cross", "power", "abs_sum", "count", "intersection",
+                     "union"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.abs_max = max(self.abs_max, other.abs_max)
+        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
+
+    def sqnr_db(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        return 10 * math.log10(self.signal / self.noise) if self.signal else -math.inf
+
+    def cosine(self) -> float:
+        denominator = math.sqrt(self.signal * self.power)
+        return self.cross / denominator if denominator else 1.0
+
+    def mean_abs_error(self) -> float:
+        return self.abs_sum / self.count if self.count else 0.0
+
+    def iou(self) -> float | None:
+        """The IoU at 0.5, for maps whose values all lie in [0, 1]; None for anything else."""
+        if not (0.0 <= self.low and self.high <= 1.0):
+            return None
+        return self.intersection / self.union if self.union else 1.0
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest scores of each row (in no particular order)."""
+    k = min(k, scores.shape[1])
+    return np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k:]
+
+
+@dataclass
+class ClassAgreement:
+    """Counts for top-1/top-5 agreement between two models and their accuracy on labels."""
+
+    samples: int = 0
+    classes: int = 0
+    agree: dict[int, int] = field(default_factory=lambda: {1: 0, 5: 0})
+    labelled: int = 0
+    correct: dict[str, dict[int, int]] = field(
+        default_factory=lambda: {"reference": {1: 0, 5: 0}, "quantized": {1: 0, 5: 0}})
+
+    def update(self, reference: np.ndarray, actual: np.ndarray,
+               labels: np.ndarray | None = None) -> None:
+        reference = reference.reshape(len(reference), -1)
+        actual = actual.reshape(len(actual), -1)
+        self.classes = reference.shape[1]
+        best = reference.argmax(axis=1)
+        for k in self.agree:
+            self.agree[k] += int(np.any(top_k(actual, k) == best[:, None], axis=1).sum())
+        self.samples += len(reference)
+        if labels is None:
+            return
+        labels = labels.reshape(-1)
+        for name, scores in (("reference", reference), ("quantized", actual)):
+            for k in self.agree:
+                self.correct[name][k] += int(np.any(top_k(scores, k) == labels[:, None],
+                                                    axis=1).sum())
+        self.labelled += len(labels)
+
+    def merge(self, other: ClassAgreement) -> None:
+        self.samples += other.samples
+        self.classes = max(self.classes, other.classes)
+        self.labelled += other.labelled
+        for k in self.agree:
+            self.agree[k] += other.agree[k]
+            for name in self.correct:
+                self.correct[name][k] += other.correct[name][k]
+
+    def agreement(self, k: int) -> float:
+        return self.agree[k] / self.samples if self.samples else math.nan
+
+    def accuracy(self, k: int) -> dict[str, float] | None:
+        if not self.labelled:
+            return None
+        return {name: counts[k] / self.labelled for name, counts in self.correct.items()}
+
+
+@dataclass
+class Histogram:
+    """Counts of values in HISTOGRAM_BINS equal bins over the fixed interval [start, stop) (fixed
+    in advance, so histograms of different batches add up), plus the values below and above it."""
+
+    start: float
+    stop: float
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, np.int64))
+    below: int = 0
+    above: int = 0
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        position = np.floor((values - self.start) * (len(self.counts) / (self.stop - self.start)))
+        inside = (position >= 0) & (position < len(self.counts))
+        self.below += int(np.count_nonzero(position < 0))
+        self.above += int(np.count_nonzero(position >= len(self.counts)))
+        self.counts += np.bincount(position[inside].astype(np.int64),
+                                   minlength=len(self.counts))
+
+    def merge(self, other: Histogram) -> None:
+        self.counts += other.counts
+        self.below += other.below
+        self.above += other.above
