@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from bnq import ops
 from bnq.data import SampleData
-from bnq.errors import ArgumentError, ModelError
+from bnq.errors import ArgumentError, DataError, ModelError
 from bnq.fusion import FuseReport, fuse
 from bnq.graph import (
     NameScope,
@@ -116,6 +116,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                 a.name == "training_mode" and a.i for a in node.attribute)):
             raise ModelError(f"BatchNormalization {node_label(node)} is in training mode (its "
                              "output depends on the batch); export the model in eval mode")
+    _check_weights(model)
     fused, fusion = fuse(_upgrade(model))
     plan = _plan(fused)
     activation = np.dtype(formats.activation)
@@ -136,6 +137,18 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
     return quantized, CalibrationReport(samples, batches, method, formats, fusion, tuple(tensors),
                                         op_counts(quantized), body_for(quantized))
+
+
+def _check_weights(model: onnx.ModelProto) -> None:
+    """Blame NaN or infinite weights on the weights, before they turn up in the activations."""
+    constants = constant_values(model)
+    for node in model.graph.node:
+        if node.op_type in WEIGHTED:
+            for name in node.input[1:]:
+                value = constants.get(name)
+                if value is not None and value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise ModelError(f"{node.op_type} {node_label(node)}: its parameter {name!r} "
+                                     "holds NaN or infinity; fix the model's weights")
 
 
 def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -239,11 +252,27 @@ def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_si
     probe = with_outputs(model, list(observers))
     session = ort_session(probe)
     names = list(observers)
+    writers = producers(model.graph)
+
+    def where(name: str) -> str:
+        node = writers.get(name)
+        return f"tensor {name!r}" + (f" (output of {node.op_type} {node_label(node)})"
+                                     if node is not None else "")
+
     samples = batches = 0
     for batch in data.batches(batch_size, num_samples):
-        for name, value in zip(names, session.run(names, batch)):
-            observers[name].update(value)
         count = len(next(iter(batch.values())))
+        for name, value in zip(names, session.run(names, batch)):
+            if value.size == 0:
+                raise ModelError(f"{where(name)} is empty (shape {list(value.shape)} for "
+                                 f"{count} samples): there is nothing to calibrate; fix the model")
+            try:
+                observers[name].update(value)
+            except DataError as error:  # non-finite values: the samples are finite, checked
+                raise ModelError(f"{where(name)} holds NaN or infinity in samples {samples}.."
+                                 f"{samples + count - 1}, although the samples are finite: the "
+                                 "model's arithmetic overflows there; check the weights that "
+                                 "produce it") from error
         samples, batches = samples + count, batches + 1
         if progress is not None:
             progress(count)

@@ -2,14 +2,17 @@
 
 Reports go to stdout (a rich table, or JSON with `--json`); progress and errors go to stderr.
 A `BnqError` becomes one `Error: ...` line and exit code 1, bad usage exit code 2, Ctrl-C exit
-code 130; a traceback only with `--debug`.
+code 130 (SIGTERM 143, SIGHUP 129, after the same clean-up); a traceback only with `--debug`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +22,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from bnq.errors import BnqError
+from bnq.errors import BnqError, one_line
 
 if TYPE_CHECKING:  # the heavy modules (numpy, onnx, onnxruntime) load when a command runs
     import numpy as np
@@ -38,8 +41,13 @@ BACKENDS = ("numpy", "onnxruntime")
 BACKEND_CHOICES = (*BACKENDS, "both")
 
 # A terminal's tables fold long names onto several lines (never cut them, see _table); pipes and
-# files get lines as long as the tables need, so that a name stays whole on one line.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 1 << 16)
+# files get lines as long as the tables need, so that a name stays whole on one line. Reports are
+# rendered into text (`_report_text`) and printed by `_emit`, which alone touches stdout, so that
+# a closed pipe or a full disk there is handled in one place. A closed stdout (`bnq ... >&-`) is
+# None: reports then go nowhere, the work is still done.
+_TTY = sys.stdout is not None and sys.stdout.isatty()
+out = Console(file=io.StringIO(), force_terminal=_TTY, highlight=False,
+              width=None if _TTY else 1 << 16)
 err = Console(stderr=True, highlight=False)
 
 MODEL = click.Path(dir_okay=False, path_type=Path)
@@ -57,6 +65,19 @@ def _table(title: str, *columns: str, right: tuple[str, ...] = (), **options: An
     return table
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so that the same clean-up as for Ctrl-C
+    runs (no temporary file left) instead of the process just vanishing."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
 class _Group(click.Group):
     """Turns library errors into one line and an exit code; `--debug` shows the traceback."""
 
@@ -67,11 +88,18 @@ class _Group(click.Group):
             if ctx.params.get("debug"):
                 raise
             raise click.ClickException(str(error)) from None
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as error:
             if ctx.params.get("debug"):
                 raise
-            err.print("interrupted: nothing was written")
-            ctx.exit(130)
+            signum = error.signum if isinstance(error, Terminated) else signal.SIGINT
+            err.print(f"{'interrupted' if signum == signal.SIGINT else 'terminated'}: "
+                      "nothing was written")
+            ctx.exit(128 + signum)
+        except OSError as error:  # the file system said no where bnq did not expect it
+            if ctx.params.get("debug"):
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            raise click.ClickException(f"{where}{error.strerror or one_line(error)}") from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as error:  # a bug: still one line, the traceback behind --debug
@@ -124,13 +152,30 @@ def _report_text(as_json: bool, payload: Callable[[], Any], render: Callable[[],
     return capture.get()
 
 
+def _emit(text: str) -> None:
+    """Print a report on stdout. A reader that went away (`bnq ... | head`) is no error: the
+    work is done and the rest of the report is not wanted. A stdout that cannot take it (a
+    full disk, /dev/full) is one."""
+    try:
+        click.echo(text, nl=False)
+    except BrokenPipeError:
+        _silence_stdout()
+    except OSError as error:
+        _silence_stdout()
+        raise BnqError(f"standard output: cannot write the report ({error.strerror})") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit does not fail
+    again on what is still buffered."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _json_text(value: Any) -> str:
     """Strict JSON: a non-finite number (an SQNR of identical outputs) becomes null."""
     return json.dumps(_finite(value), indent=2, allow_nan=False)
-
-
-def _print_json(value: Any) -> None:
-    click.echo(_json_text(value))
 
 
 def _finite(value: Any) -> Any:
@@ -177,7 +222,7 @@ def fuse_command(model: Path, output: Path, force: bool, as_json: bool) -> None:
                                           **dataclasses.asdict(report)},
                         lambda: _render_fuse(model, output, report))
     save_model(fused, output, overwrite=force)
-    click.echo(text, nl=False)
+    _emit(text)
 
 
 def _render_fuse(model: Path, output: Path, report: FuseReport) -> None:
@@ -227,7 +272,9 @@ def _progress(description: str, total: int):
 @click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
               help="How activation ranges are chosen from the observed values.")
 @click.option("--percentile", type=float, default=99.99, show_default=True,
-              help="With --method percentile: the percentile of the values kept in range.")
+              callback=lambda ctx, param, value: _in_range(value, 50, 100),
+              help="With --method percentile: the percentile of the values kept in range "
+                   "(50 to 100).")
 @click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default=None,
               help="Integer type of activations (default: chosen for this CPU, see the report).")
 @click.option("--weight-type", type=click.Choice(["int8"]), default="int8", show_default=True,
@@ -270,7 +317,13 @@ def calibrate_command(model: Path, data: Path, output: Path, method: str, percen
                                           **dataclasses.asdict(report)},
                         lambda: _render_calibration(output, report))
     save_model(quantized, output, overwrite=force)
-    click.echo(text, nl=False)
+    _emit(text)
+
+
+def _in_range(value: float, low: float, high: float) -> float:
+    if not low <= value <= high:  # NaN fails this too
+        raise click.BadParameter(f"{value} is not a number from {low} to {high}")
+    return value
 
 
 def _formats(activation_type: str | None, weight_type: str,
@@ -353,10 +406,8 @@ def evaluate_command(quantized: Path, reference: Path, data: Path, batch_size: i
         report = evaluate(load_model(quantized), float_model, samples, backend=backend,
                           batch_size=batch_size, num_samples=num_samples, labels=labels,
                           progress=lambda n: progress.advance(progress.task_ids[0], n))
-    if as_json:
-        _print_json(dataclasses.asdict(report))
-    else:
-        _render_evaluation(report)
+    _emit(_report_text(as_json, lambda: dataclasses.asdict(report),
+                       lambda: _render_evaluation(report)))
 
 
 def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
@@ -450,10 +501,8 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], kernel: bool,
             raise click.BadParameter(f"{shape!r} is not a comma-separated list of integers",
                                      param_hint="--shape") from None
         reports = [bench_kernel(dims, count, repeats) for count in threads]
-        if as_json:
-            _print_json({"machine": machine, "kernel": reports})
-        else:
-            _render_kernel_bench(machine, reports)
+        _emit(_report_text(as_json, lambda: {"machine": machine, "kernel": reports},
+                           lambda: _render_kernel_bench(machine, reports)))
         return
     if not models:
         raise click.UsageError("give at least one MODEL, or --kernel")
@@ -465,11 +514,9 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], kernel: bool,
     feeds = _bench_feeds(first, data, batch_size)
     report = bench_models(loaded, feeds, backends=backends, threads=threads, warmup=warmup,
                           repeats=repeats)
-    if as_json:
-        _print_json({"machine": report.machine, "warmup": report.warmup, "repeats": report.repeats,
-                     "results": report.results})
-    else:
-        _render_model_bench(report)
+    _emit(_report_text(as_json, lambda: {"machine": report.machine, "warmup": report.warmup,
+                                         "repeats": report.repeats, "results": report.results},
+                       lambda: _render_model_bench(report)))
 
 
 def _refuse(ctx: click.Context, names: tuple[str, ...], reason: str) -> None:
@@ -530,4 +577,7 @@ def _render_kernel_bench(machine: Machine, reports: list[KernelBench]) -> None:
 
 
 def main() -> None:
+    for name in ("SIGTERM", "SIGHUP"):  # SIGHUP: the terminal closed; neither on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _terminate)
     cli(prog_name="bnq")

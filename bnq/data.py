@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnq.errors import DataError, ModelError
+from bnq.errors import DataError, ModelError, one_line
 from bnq.graph import constant_values, numpy_dtype
-from bnq.io import read_npy_header
+from bnq.io import read_npy_header, regular_file
 
 DATA_SUFFIXES = (".npz", ".npy")
 MAX_SAMPLE_BYTES = 1 << 30  # one sample larger than this is a mistake, not a tensor to read
@@ -61,14 +62,24 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+# What zipfile raises for a damaged archive: a bad CRC at the end of a member, a bad header...
+_CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
 class _Member:
     """One array in a file, read front to back in row blocks without loading it whole."""
 
     def __init__(self, path: Path, key: str | None) -> None:
         self.path, self.key = path, key
         self.where = f"{path}" + (f"[{key!r}]" if key else "")
-        with self._open() as handle:
-            self.shape, self.dtype, self.offset = self._header(handle)
+        try:
+            with self._open() as handle:
+                self.shape, self.dtype, self.offset = self._header(handle)
+        except _CORRUPT as error:
+            raise self._corrupt(error) from error
+
+    def _corrupt(self, error: Exception) -> DataError:
+        return DataError(f"{self.where}: the archive is corrupt ({one_line(error)})")
 
     def _open(self):
         if self.key is None:
@@ -110,7 +121,10 @@ class _Member:
         with self._open() as handle:
             handle.seek(self.offset)
             for size in sizes:
-                data = handle.read(size * row_bytes)
+                try:
+                    data = handle.read(size * row_bytes)
+                except _CORRUPT as error:
+                    raise self._corrupt(error) from error
                 if len(data) != size * row_bytes:
                     raise DataError(f"{self.where}: the file is truncated")
                 yield np.frombuffer(data, self.dtype).reshape((size,) + self.shape[1:])
@@ -149,9 +163,10 @@ class SampleData:
             files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
             if not files:
                 raise DataError(f"{self.path}: the directory holds no .npz or .npy files")
+            for path in files:
+                regular_file(path, "data file", DataError)
             return files
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: no such data file or directory")
+        regular_file(self.path, "data file or directory", DataError)
         if self.path.suffix.lower() not in DATA_SUFFIXES:
             raise DataError(f"{self.path}: unknown data format; use .npz, .npy or a directory "
                             "of them")
@@ -220,9 +235,9 @@ class SampleData:
         seen = 0
         for part in self.parts:
             rows = next(iter(part.values())).rows
-            take = min(rows, remaining - seen)
-            if take <= 0:
+            if seen >= remaining:
                 break
+            take = min(rows, remaining - seen)  # 0 for a file without samples: the next one
             streams = {key: part[key].blocks(_batch_sizes(take, batch_size)) for key in wanted}
             for start in range(0, take, batch_size):
                 batch = {key: next(stream) for key, stream in streams.items()}

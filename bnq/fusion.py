@@ -152,6 +152,12 @@ def _read_batch_norm(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> 
     if len(channels) != 1 or any(v.ndim != 1 for v in values):
         raise ModelError(f"{label}: parameters must be 1-D of one length, got shapes "
                          f"{[list(v.shape) for v in values]}; the model cannot run")
+    if channels == {0}:
+        raise ModelError(f"{label} has 0 channels (its parameters are empty): it normalizes "
+                         "nothing; remove it or fix its parameters")
+    if not np.isfinite(epsilon) or epsilon < 0:
+        raise ModelError(f"{label}: epsilon is {epsilon}, not a finite number >= 0; fix the "
+                         "model's epsilon")
     for role, name, value in zip(BN_PARAMS, node.input[1:5], values):
         if value.dtype.kind != "f":
             raise ModelError(f"{label}: {role} {name!r} has dtype {value.dtype}, not a float type; "

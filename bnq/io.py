@@ -28,10 +28,13 @@ can, MAX_TENSOR_BYTES), and the description is checked against the schema field 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import reprlib
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -58,8 +61,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an `.onnx` or `.npz` model and check that it is a well-formed model bnq can work on."""
     path = Path(path)
     _model_suffix(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
+    regular_file(path, "model file", ModelError)
     model = _read_onnx(path) if path.suffix.lower() == ".onnx" else _read_npz(path)
     opset = default_opset(model)
     if opset < MIN_OPSET:
@@ -87,26 +89,76 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
         write_atomic(path, lambda handle: np.savez(handle, **arrays), overwrite=overwrite)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], Any], *, overwrite: bool = False) -> None:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
-    if path.exists() and not overwrite:
-        raise BnqError(f"{path} already exists (use --force to overwrite it)")
-    _check_directory(path)
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def regular_file(path: Path, what: str, error: type[BnqError]) -> None:
+    """Refuse, as `error`, a `path` that is not a regular file (symbolic links followed), before
+    anything opens it: opening a FIFO blocks until a writer comes, a device never ends."""
     try:
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise error(f"{path}: a broken symbolic link (to {os.readlink(path)}, which does "
+                        "not exist)") from None
+        raise error(f"{path}: no such {what}") from None
+    except OSError as cause:
+        reason = ("a loop of symbolic links" if cause.errno == errno.ELOOP
+                  else cause.strerror or one_line(cause))
+        raise error(f"{path}: cannot read it ({reason})") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{path} is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+        raise error(f"{path} is {kind}, not a regular file; bnq reads a {what} only from a "
+                    "regular file")
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any], *, overwrite: bool = False) -> None:
+    """Write a file through a temporary sibling, so that readers never see half of it, and leave
+    no temporary file whatever happens (an exception, Ctrl-C, a signal the CLI turns into one).
+
+    With `overwrite` the temporary file is renamed over `path`. Without, it is hard-linked to
+    `path`, which fails if anything is there: the existence check and the write are one step,
+    so of two runs racing for one name, the second fails instead of replacing the first."""
+    try:  # a short temporary name: a 250-character output name must leave room for it
+        _check_directory(path)
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name[:32]}.",
+                                             delete=False)
     except OSError as error:
         raise BnqError(f"{path}: cannot write there ({error.strerror})") from error
     try:
         with handle:
             write(handle)
         os.chmod(handle.name, 0o666 & ~_umask())  # as open() would have made it, not 0600
-        os.replace(handle.name, path)
-    except BaseException as error:
-        os.unlink(handle.name)
-        if isinstance(error, OSError):  # a full disk, a directory in the way: nothing written
-            raise BnqError(f"{path}: cannot write it ({error.strerror or one_line(error)}); "
-                           "nothing was written") from error
+        if overwrite:
+            os.replace(handle.name, path)
+        else:
+            _link_new(handle.name, path)
+    except FileExistsError as error:
+        raise BnqError(f"{path} already exists (use --force to overwrite it)") from error
+    except OSError as error:  # a full disk, a directory in the way: nothing written
+        raise BnqError(f"{path}: cannot write it ({error.strerror or one_line(error)}); "
+                       "nothing was written") from error
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(handle.name)
+
+
+def _link_new(source: str, path: Path) -> None:
+    """Give the file `source` the new name `path`; FileExistsError if `path` exists."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
         raise
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # a file system without hard links: there the check and the rename are two steps
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from error
+        os.replace(source, path)
 
 
 def _check_directory(path: Path) -> None:
@@ -124,19 +176,32 @@ def _umask() -> int:
 
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], *,
                       overwrite: bool) -> Path:
-    """Refuse an output that is one of the inputs, or that exists when `overwrite` is off."""
+    """Refuse, before any work, an output that is one of the inputs (by any name: a symbolic or
+    hard link), a directory, or a file that exists when `overwrite` is off."""
     output = Path(output)
-    for source in inputs:
-        if output.resolve() == Path(source).resolve():
-            raise BnqError(f"{output}: the output would overwrite the input; choose another path")
-    if output.is_dir():
-        raise BnqError(f"{output} is a directory; give the output a file name ending in .onnx "
-                       "or .npz")
-    if output.exists() and not overwrite:
-        raise BnqError(f"{output} already exists (use --force to overwrite it)")
-    _model_suffix(output)
-    _check_directory(output)
+    try:
+        for source in inputs:
+            if _same_file(output, source):
+                raise BnqError(f"{output}: the output would overwrite the input; choose another "
+                               "path")
+        if output.is_dir():
+            raise BnqError(f"{output} is a directory; give the output a file name ending in "
+                           ".onnx or .npz")
+        if os.path.lexists(output) and not overwrite:
+            raise BnqError(f"{output} already exists (use --force to overwrite it)")
+        _model_suffix(output)
+        _check_directory(output)
+    except OSError as error:  # a name longer than the system allows, ...
+        raise BnqError(f"{output}: cannot write there ({error.strerror or one_line(error)})") \
+            from error
     return output
+
+
+def _same_file(path: Path, other: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # either does not exist (or is a loop of links): not the same file
+        return False
 
 
 def _model_suffix(path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,7 +25,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from bnq import BnqError
+from bnq import cli as cli_module
 from bnq.cli import cli
+from bnq.io import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_NPZ = ROOT / "samples" / "digits_cnn.npz"
@@ -140,22 +144,55 @@ def bnq(*args) -> object:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+# The address space of a case run in its own process: a memory bomb that gets past bnq's
+# estimates fails the test (MemoryError, an internal error) instead of taking the machine.
+ADDRESS_SPACE = 4 << 30
+
+
+def bnq_process(*args, stdout=subprocess.PIPE, timeout: float = 120,
+                signal_after=None) -> subprocess.CompletedProcess:
+    """Run `bnq *args` as a separate process, as a user would, under ADDRESS_SPACE and a time
+    limit (a hang fails the test); `signal_after(process)` may signal it while it runs."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+    command = [sys.executable, "-c", "from bnq.cli import main; main()", *map(str, args)]
+    with subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=limit, env={**os.environ, "PYTHONPATH": str(ROOT)}) as process:
+        try:
+            if signal_after is not None:
+                signal_after(process)
+            out, err = process.communicate(timeout=timeout)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    return subprocess.CompletedProcess(command, process.returncode, out or "", err)
+
+
 def assert_fails_cleanly(directory: Path, args: list, names: tuple[str, ...], *,
-                         code: int = 1) -> str:
-    """Run `bnq *args` in `directory`; check the failure contract and that the one error line
-    names each of `names`. Returns that line."""
+                         code: int = 1, isolated: bool = False) -> str:
+    """Run `bnq *args` in `directory` (`isolated`: in its own process, see `bnq_process`);
+    check the failure contract and that the one error line names each of `names`. Returns
+    that line."""
     before = snapshot(directory)
-    result = bnq(*args)
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    if isolated:
+        process = bnq_process(*args)
+        exit_code, stdout, stderr, exception = (process.returncode, process.stdout,
+                                                process.stderr, None)
+    else:
+        result = bnq(*args)
+        exit_code, stdout, stderr, exception = (result.exit_code, result.stdout, result.stderr,
+                                                result.exception)
+    assert exit_code == code, (exit_code, stdout, stderr, exception)
+    assert "Traceback" not in stderr + stdout and "internal error" not in stderr, stderr
     if code == 1:
-        lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+        lines = stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
         for name in names:
             assert name in lines[0], (name, lines[0])
-    assert result.stdout == ""
+    assert stdout == ""
     assert snapshot(directory) == before, "a file was written, left behind or changed"
-    return result.stderr.strip()
+    return stderr.strip()
 
 
 def assert_works(args: list):
@@ -707,29 +744,39 @@ def test_bad_usage_exits_2_and_writes_nothing(work):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ctrl-C
+# Ctrl-C and signals
 
-def test_ctrl_c_during_calibrate_leaves_nothing_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated"),
+                                                (signal.SIGHUP, 129, "terminated")])
+def test_a_signal_during_calibrate_leaves_nothing(tmp_path, signum, code, word):
     onnx.save(small_model(), tmp_path / "m.onnx")
     np.save(tmp_path / "many.npy", samples(60000))  # ~20 s at one sample per batch
     output = tmp_path / "out"
     output.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from bnq.cli import main; main()", "calibrate", str(tmp_path / "m.onnx"), "-d",
-         str(tmp_path / "many.npy"), "-o", str(output / "q.onnx"), "--batch-size", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
+
+    def interrupt(process):
         _wait_until_reading(process.pid, tmp_path / "many.npy")
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and "internal error" not in stderr
-    assert "interrupted" in stderr
+        process.send_signal(signum)
+
+    result = bnq_process("calibrate", tmp_path / "m.onnx", "-d", tmp_path / "many.npy", "-o",
+                         output / "q.onnx", "--batch-size", "1", signal_after=interrupt)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert word in result.stderr
     assert list(output.iterdir()) == []  # neither the output nor a temporary file
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_in_the_middle_of_a_write_leaves_no_temporary_file(tmp_path, signum):
+    previous = signal.signal(signum, cli_module._terminate)  # as `bnq` (cli.main) sets it up
+    try:
+        with pytest.raises(cli_module.Terminated):
+            write_atomic(tmp_path / "out.onnx",
+                         lambda handle: (handle.write(b"half"), os.kill(os.getpid(), signum)))
+    finally:
+        signal.signal(signum, previous)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _wait_until_reading(pid: int, data: Path, timeout: float = 60) -> None:
@@ -745,3 +792,248 @@ def _wait_until_reading(pid: int, data: Path, timeout: float = 60) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"bnq never opened {data}")
+
+
+# ---------------------------------------------------------------------------------------------
+# files that are not what their names say: special files are refused before anything opens them
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _loop(path: Path) -> None:
+    os.symlink(path.with_name("other" + path.suffix), path)
+    os.symlink(path, path.with_name("other" + path.suffix))
+
+
+def _flipped_byte(write, offset: int):
+    """`write` a good file, then flip one bit of its byte at `offset` (a CRC now fails)."""
+    def damage(path: Path) -> None:
+        write(path)
+        raw = bytearray(path.read_bytes())
+        raw[offset] ^= 1
+        path.write_bytes(bytes(raw))
+    return damage
+
+
+NOT_FILES = {
+    "fifo": (_fifo, "FIFO"),
+    "directory": (lambda p: p.mkdir(), "is a directory"),
+    "broken-symlink": (lambda p: os.symlink(p.with_name("nowhere"), p), "broken symbolic link"),
+    "symlink-loop": (_loop, "loop of symbolic links"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_FILES)
+def test_a_model_that_is_not_a_regular_file_is_refused(work, case):
+    write, message = NOT_FILES[case]
+    write(work / "model.onnx")
+    code = 2 if case == "directory" else 1  # click's path check: a usage error
+    for args in commands_reading_model(work, work / "model.onnx")[:2]:
+        line = assert_fails_cleanly(work, args, ("model.onnx",), isolated=case == "fifo",
+                                    code=code)
+        assert message in line, line
+
+
+@pytest.mark.parametrize("case", NOT_FILES)
+@pytest.mark.parametrize("inside", [False, True], ids=["given", "in-a-directory"])
+def test_data_that_is_not_a_regular_file_is_refused(work, case, inside):
+    write, message = NOT_FILES[case]
+    data = work / "d"
+    if inside:  # a good file first, then the bad entry under a .npy name
+        data.mkdir()
+        np.save(data / "a.npy", samples(3))
+        write(data / "b.npy")
+    else:
+        write(work / "d.npy")
+        data = work / "d.npy"
+        if case == "directory":  # a data directory, that happens to be named d.npy
+            message = "holds no .npz or .npy files"
+    for args in data_commands(work, data):
+        line = assert_fails_cleanly(work, args, ("b.npy" if inside else "d.npy",),
+                                    isolated=case == "fifo")
+        assert message in line, line
+
+
+def test_corrupt_archives_are_refused(work):
+    """A flipped byte in the stored data of a member: zipfile notices at its end (bad CRC)."""
+    _flipped_byte(lambda p: np.savez(p, x=samples(20)), 300)(work / "d.npz")
+    for args in data_commands(work, work / "d.npz"):
+        assert "corrupt" in assert_fails_cleanly(work, args, ("d.npz", "'x'"))
+    _flipped_byte(lambda p: p.write_bytes(SAMPLE_NPZ.read_bytes()), 2000)(work / "m.npz")
+    for args in commands_reading_model(work, work / "m.npz"):
+        assert "Bad CRC" in assert_fails_cleanly(work, args, ("m.npz",))
+
+
+@pytest.mark.parametrize("empty_first", [False, True])
+def test_a_file_without_samples_is_skipped_not_the_end_of_the_data(work, empty_first):
+    data = work / "d"
+    data.mkdir()
+    np.save(data / "a.npy", samples(0 if empty_first else 7))
+    np.save(data / "b.npy", samples(7 if empty_first else 0, seed=1))
+    np.save(data / "c.npy", samples(5, seed=2))
+    report = json.loads(assert_works(["calibrate", work / "good.onnx", "-d", data, "-o",
+                                      work / "q.onnx", "--json", "--batch-size", "4"]).stdout)
+    assert report["samples"] == 12 and report["batches"] == 4
+    report = json.loads(assert_works(["evaluate", work / "q.onnx", "-r", work / "good.onnx",
+                                      "-d", data, "--json"]).stdout)
+    assert report["samples"] == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the output
+
+def test_a_250_character_output_name_works(work):
+    long = "m" * 245  # + ".onnx" = 250, near the 255 bytes a file name may have
+    assert_works(["fuse", work / "good.onnx", "-o", work / f"{long}.onnx"])
+    assert_works(["calibrate", work / "good.onnx", "-d", work / "good.npy", "-o",
+                  work / f"{long}.npz"])
+    onnx.checker.check_model(onnx.load(work / f"{long}.onnx"), full_check=True)
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
+
+
+def test_names_longer_than_the_system_allows_are_refused(work):
+    long = "m" * 300
+    assert_fails_cleanly(work, ["fuse", work / "good.onnx", "-o", work / f"{long}.onnx"],
+                         ("File name too long",))
+    assert_fails_cleanly(work, ["fuse", work / f"{long}.onnx", "-o", work / "o.onnx"],
+                         ("File name too long",))
+    assert_fails_cleanly(work, data_commands(work, work / f"{long}.npy")[0],
+                         ("File name too long",))
+
+
+def test_a_hard_link_to_the_input_is_the_input(work):
+    os.link(work / "good.onnx", work / "same.onnx")
+    assert_fails_cleanly(work, ["fuse", work / "good.onnx", "-o", work / "same.onnx", "--force"],
+                         ("same.onnx", "overwrite the input"))
+
+
+def test_an_output_that_appears_while_writing_is_not_replaced(tmp_path):
+    """Two runs racing for one name: the file of the first appears after the second's check;
+    the second fails at its final step instead of replacing it, and leaves no temporary file."""
+    target = tmp_path / "out.onnx"
+
+    def write(handle):
+        handle.write(b"second")
+        target.write_bytes(b"first")  # the other run finishes meanwhile
+
+    with pytest.raises(BnqError, match="already exists"):
+        write_atomic(target, write)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+    assert target.read_bytes() == b"first"
+    write_atomic(target, lambda handle: handle.write(b"forced"), overwrite=True)
+    assert target.read_bytes() == b"forced"
+
+
+def test_without_hard_links_the_output_is_still_written_once(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("bnq.io.os.link", no_links)
+    write_atomic(tmp_path / "out.onnx", lambda handle: handle.write(b"first"))
+    with pytest.raises(BnqError, match="already exists"):
+        write_atomic(tmp_path / "out.onnx", lambda handle: handle.write(b"second"))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+    assert (tmp_path / "out.onnx").read_bytes() == b"first"
+
+
+# ---------------------------------------------------------------------------------------------
+# standard streams
+
+def test_a_closed_stdout_still_does_the_work(work):
+    command = [sys.executable, "-c", "from bnq.cli import main; main()", "fuse",
+               str(work / "good.onnx"), "-o", str(work / "f.onnx")]
+    result = subprocess.run(f"{' '.join(map(shlex.quote, command))} >&-", shell=True, text=True,
+                            stderr=subprocess.PIPE, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    onnx.checker.check_model(onnx.load(work / "f.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("args", [["fuse", "{good}", "-o", "{out}"],
+                                  ["evaluate", "{quantized}", "-r", "{good}", "-d", "{data}"],
+                                  ["evaluate", "{quantized}", "-r", "{good}", "-d", "{data}",
+                                   "--json"]])
+def test_a_reader_that_went_away_is_no_error(work, args):
+    """`bnq ... | head`: the pipe closes before the report is written; the work is done."""
+    read, write = os.pipe()
+    os.close(read)
+    paths = {"good": work / "good.onnx", "out": work / "f.onnx", "data": work / "good.npy",
+             "quantized": work / "quantized.onnx"}
+    with os.fdopen(write, "w") as pipe:
+        result = bnq_process(*(a.format(**paths) for a in args), stdout=pipe)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    if args[0] == "fuse":
+        onnx.checker.check_model(onnx.load(work / "f.onnx"), full_check=True)
+
+
+def test_a_full_stdout_is_a_clear_error(work):
+    with open("/dev/full", "w") as full:
+        result = bnq_process("evaluate", work / "quantized.onnx", "-r", work / "good.onnx", "-d",
+                             work / "good.npy", stdout=full)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: standard output: cannot write the report (No space left on device)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# usage errors exit 2
+
+@pytest.mark.parametrize("value", ["101", "49.9", "nan", "inf", "-inf"])
+def test_a_percentile_out_of_range_is_a_usage_error(work, value):
+    line = assert_fails_cleanly(work, ["calibrate", work / "good.onnx", "-d", work / "good.npy",
+                                       "-o", work / "q.onnx", "--method", "percentile",
+                                       "--percentile", value], (), code=2)
+    assert "--percentile" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# messages that blame the right thing
+
+def _conv_weight(value):
+    def write(path: Path) -> None:
+        model = small_model()
+        weight = numpy_helper.to_array(model.graph.initializer[0]).copy()
+        weight[0, 0, 0, 0] = value
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "w"))
+        onnx.save(model, path)
+    return write
+
+
+def _overflowing(path: Path) -> None:
+    model = small_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.full((2, 1, 3, 3), 3e38, np.float32), "w"))  # finite weights, infinite sums
+    onnx.save(model, path)
+
+
+def _no_channels(path: Path) -> None:
+    """A Conv with 0 output channels and a BatchNormalization over them: a valid model."""
+    model = small_model()
+    for tensor in model.graph.initializer:
+        shape = (0, 1, 3, 3) if tensor.name == "w" else (0,)
+        tensor.CopyFrom(numpy_helper.from_array(np.zeros(shape, np.float32), tensor.name))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 0
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+
+
+BLAME = {
+    "nan-weight": (_conv_weight(np.nan), ("Conv conv", "'w'", "NaN or infinity")),
+    "inf-weight": (_conv_weight(np.inf), ("Conv conv", "'w'", "NaN or infinity")),
+    "nan-epsilon": (lambda p: onnx.save(small_model(bn_attrs={"epsilon": float("nan")}), p),
+                    ("BatchNormalization bn", "epsilon is nan")),
+    "inf-epsilon": (lambda p: onnx.save(small_model(bn_attrs={"epsilon": float("inf")}), p),
+                    ("BatchNormalization bn", "epsilon is inf")),
+    "overflow": (_overflowing, ("'r'", "Relu relu0", "overflows")),
+    "no-channels": (_no_channels, ("BatchNormalization bn", "0 channels")),
+}
+
+
+@pytest.mark.parametrize("case", BLAME)
+def test_messages_blame_the_model_not_the_data(work, case):
+    write, names = BLAME[case]
+    write(work / "model.onnx")
+    line = assert_fails_cleanly(work, ["calibrate", work / "model.onnx", "-d", work / "good.npy",
+                                       "-o", work / "q.onnx"], names)
+    assert "calibration data" not in line and "seen no data" not in line
