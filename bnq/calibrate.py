@@ -48,7 +48,7 @@ from bnq.graph import (
 )
 from bnq.machine import IntegerFormats
 from bnq.observers import make_observer
-from bnq.qops import body_for, fast_output_scale
+from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
 from bnq.quantization import QuantParams, quantize, weight_qparams
 from bnq.runtime import ort_session
 
@@ -98,7 +98,7 @@ class _Plan:
     batch_norms: list[onnx.NodeProto]
     bn_inputs: list[str]  # BN inputs that get their own per-channel observer
     concat_sources: dict[str, onnx.NodeProto]  # BN input -> the Concat of quantized branches
-    channels: dict[str, int]  # tensor -> its number of channels, where shape inference knows it
+    shapes: dict[str, tuple[int, int]]  # tensor -> (rank, channels), where shape inference knows
     producers: dict[str, onnx.NodeProto]
 
 
@@ -212,8 +212,7 @@ def _plan(model: onnx.ModelProto) -> _Plan:
             concat_sources[x] = concat
         elif x not in bn_inputs:
             bn_inputs.append(x)
-    return _Plan(activations, aliases, batch_norms, bn_inputs, concat_sources,
-                 {name: count for name, (_, count) in shapes.items()}, writers)
+    return _Plan(activations, aliases, batch_norms, bn_inputs, concat_sources, shapes, writers)
 
 
 def _channel_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -348,6 +347,13 @@ def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams
             if name in qdq:
                 emit_qdq(name)
 
+    fused = [node for node in build.nodes if node.domain == ops.DOMAIN]
+    if not all(len(node.input) > len(INPUTS) for node in fused):
+        for node in fused:  # one body serves every node: all integer, or none
+            del node.input[len(INPUTS):]
+            kept = [a for a in node.attribute if a.name != "channels"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
     del graph.node[:]
     graph.node.extend(_live(build.nodes, output_names(graph)))
     graph.initializer.extend(build.initializers)
@@ -391,16 +397,24 @@ def _emit_batch_norm(build: _Builder, node: onnx.NodeProto, plan: _Plan,
     y, q = node.output[0], qparams[node.output[0]]
     epsilon = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"),
                    1e-5)
-    scale = fast_output_scale(x_scale, x_zero_point, *(constants[name] for name in node.input[1:5]),
-                              float(np.float32(epsilon)), q.scale, q.zero_point)
+    params = (x_scale, x_zero_point, *(constants[name] for name in node.input[1:5]),
+              float(np.float32(epsilon)), q.scale, q.zero_point)
+    scale, affine = integer_output_scale(*params) or (float_output_scale(*params), None)
     q = qparams[y] = dataclasses.replace(q, scale=np.asarray(scale, np.float32))
     inputs = [codes, build.constant(f"{x}_scale", x_scale),
               build.constant(f"{x}_zero_point", x_zero_point), *node.input[1:5],
               build.constant(f"{y}_scale", q.scale), build.constant(f"{y}_zero_point", q.zero_point)]
+    rank = plan.shapes.get(x, (0, 0))[0]
+    if affine is not None and rank in (3, 4, 5):
+        kernel = affine.weight.reshape((-1,) + (1,) * (rank - 1))
+        inputs += [build.constant(f"{node.name}_{name}", value) for name, value in
+                   zip(INTEGER_INPUTS, (kernel, affine.scale, affine.bias))]
     y_codes = build.scope.fresh(f"{y}_quantized")
     fused = helper.make_node("QLinearBatchNormRelu", inputs, [y_codes],
                              name=node.name, domain=ops.DOMAIN)
     fused.attribute.extend(a for a in node.attribute if a.name == "epsilon")
+    if len(inputs) > len(INPUTS):
+        fused.attribute.append(helper.make_attribute("channels", len(affine.scale)))
     build.nodes.append(fused)
     build.codes[y] = (y_codes, q.scale, q.zero_point)
     build.nodes.append(helper.make_node(
@@ -419,7 +433,7 @@ def _emit_concat(build: _Builder, concat: onnx.NodeProto, plan: _Plan) -> None:
         if name not in build.codes:
             _emit_concat(build, plan.producers[name], plan)
         codes, scale, zero_point = build.codes[name]
-        channels = plan.channels[name]
+        channels = plan.shapes[name][1]
         names.append(codes)
         scales.append(np.broadcast_to(scale, (channels,)))
         zero_points.append(np.broadcast_to(zero_point, (channels,)))

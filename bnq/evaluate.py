@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from bnq import ops
 from bnq.data import SampleData
@@ -38,6 +37,7 @@ from bnq.errors import ArgumentError, DataError
 from bnq.graph import constant_values, producers, with_outputs
 from bnq.kernels import BnReluPlan
 from bnq.metrics import ClassAgreement, ErrorSums, Histogram
+from bnq.qops import node_plan
 from bnq.runtime import BACKENDS, make_runner
 
 BACKEND_CHOICES = (*BACKENDS, "both")
@@ -287,13 +287,4 @@ def _by_name(run: Callable, model: onnx.ModelProto) -> Callable[[dict], dict[str
 def _node_kernels(model: onnx.ModelProto, fused: list[onnx.NodeProto]) -> list[BnReluPlan]:
     """For each fused node, bnq's numpy kernel built with the node's constant parameters."""
     constants = constant_values(model)
-    kernels = []
-    for node in fused:
-        x_scale, x_zero_point, weight, bias, mean, var, y_scale, y_zero_point = (
-            constants[name] for name in node.input[1:])
-        epsilon = next((helper.get_attribute_value(a) for a in node.attribute
-                        if a.name == "epsilon"), 1e-5)
-        kernels.append(BnReluPlan(x_scale, x_zero_point, weight, bias, mean, var, epsilon,
-                                  y_scale, y_zero_point, in_dtype=x_zero_point.dtype,
-                                  out_dtype=y_zero_point.dtype))
-    return kernels
+    return [node_plan(node, constants) for node in fused]

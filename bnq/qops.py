@@ -23,19 +23,26 @@ onnxruntime and the reference evaluator both do.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference.op_run import OpRun
 
-from bnq.errors import ArgumentError
-from bnq.graph import constant_values, default_opset
+from bnq.errors import ArgumentError, ModelError
+from bnq.graph import constant_values, default_opset, node_label
+from bnq.integer import IntegerAffine, integer_affine, requantize
 from bnq.kernels import BnReluPlan, input_offsets, output_codes
 from bnq.ops import DOMAIN
+from bnq.quantization import quant_range
 
 OP_TYPE = "QLinearBatchNormRelu"
 INPUTS = ["X", "X_scale", "X_zero_point", "scale", "B", "input_mean", "input_var", "Y_scale",
           "Y_zero_point"]
+# The integer body's extra inputs (`bnq.integer.IntegerAffine`, the weight shaped [C, 1, ...] for
+# the input's rank) and its `channels` attribute (the convolution's group count).
+INTEGER_INPUTS = ["conv_weight", "conv_scale", "conv_bias"]
 MIN_OPSET = 19        # onnx's ReferenceEvaluator implements QuantizeLinear from opset 19 on
 
 
@@ -218,6 +225,45 @@ def direct_function(opset: int = MIN_OPSET, precision: str = "double") -> onnx.F
                                 [helper.make_opsetid("", opset)], attributes=["epsilon"])
 
 
+def integer_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The integer body of `bnq.QLinearBatchNormRelu`: one depthwise 1x1 QLinearConv per node,
+
+        Y = QLinearConv(X, 1, 0, conv_weight, conv_scale, 0, 1, Y_zero_point, conv_bias,
+                        group=channels)
+
+    with the node's per-channel integer parameters (`bnq.integer`): onnxruntime runs it with its
+    integer convolution kernels, in its channels-last layout like the convolutions around it.
+    `integer_body_is_exact` checks a node's parameters against the exact table over every channel
+    and input code before a model gets this body."""
+    _check_opset(opset)
+    n = helper.make_node
+    conv = n("QLinearConv", ["X", "one_f", "x_zero", "conv_weight", "conv_scale", "w_zero",
+                             "one_f", "Y_zero_point", "conv_bias"], ["Y"])
+    conv.attribute.append(onnx.AttributeProto(name="group", ref_attr_name="channels",
+                                              type=onnx.AttributeProto.INT))
+    nodes = [
+        _constant("one_f", np.array(1.0, np.float32)),
+        _constant("zero_i32", np.array(0, np.int32)),
+        n("CastLike", ["zero_i32", "X"], ["x_zero"]),
+        n("Shape", ["conv_scale"], ["channels_1d"]),
+        n("ConstantOfShape", ["channels_1d"], ["w_zero"],
+          value=helper.make_tensor("w_zero", TensorProto.INT8, [1], [0])),
+        conv,
+    ]
+    return helper.make_function(DOMAIN, OP_TYPE, INPUTS + INTEGER_INPUTS, ["Y"], nodes,
+                                [helper.make_opsetid("", opset)], attributes=["epsilon", "channels"])
+
+
+def integer_body_is_exact(plan: BnReluPlan, y_zero_point, affine: IntegerAffine) -> bool:
+    """Whether `integer_function` with `affine` gives `plan`'s exact table for every channel and
+    input code (x_zp = 0: the input zero points are in the bias)."""
+    y_zp = int(np.asarray(y_zero_point).reshape(()))
+    lo, hi = quant_range(plan.out_dtype)
+    codes = input_offsets(np.zeros(plan.channels, np.int64), plan.in_dtype)
+    y = requantize(affine.weight.reshape(-1), affine.bias, affine.scale, codes, lo - y_zp, hi - y_zp)
+    return np.array_equal(y + y_zp, plan.table.astype(np.int64))
+
+
 def direct_body_is_exact(plan: BnReluPlan, x_zero_point, y_zero_point,
                          precision: str = "double") -> bool:
     """Whether `direct_function(precision=...)` gives `plan`'s exact table for every channel
@@ -232,32 +278,47 @@ def direct_body_is_exact(plan: BnReluPlan, x_zero_point, y_zero_point,
     return bool(np.all(np.abs(v) < _SATURATED) and np.array_equal(y, plan.table))
 
 
-def fast_output_scale(x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale,
-                      y_zero_point, *, steps: int = 64) -> np.float32:
-    """`y_scale`, or the float32 nearest to it (within `steps` ulps either way, a relative change
-    below 1e-5) for which the float body is exact: a calibrator's output scale is a choice, and
-    this one lets onnxruntime run the node at float32 speed, still bit-exact with PyTorch."""
+def _nearby_plans(x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale, y_zero_point,
+                  steps: int) -> Iterator[tuple[np.float32, BnReluPlan]]:
+    """`y_scale`, then the float32 values 1, 2, ... `steps` ulps above and below it, each with its
+    plan: a calibrator's output scale is a choice, and a relative change below 1e-5 is none."""
     y_scale = np.float32(y_scale)
-    candidates = [y_scale]
     up = down = y_scale
+    candidates = [y_scale]
     for _ in range(steps):
         up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
         candidates += [up, down]
     for candidate in candidates:
-        plan = BnReluPlan(x_scale, x_zero_point, weight, bias, mean, var, eps, candidate,
-                          y_zero_point, in_dtype=np.asarray(x_zero_point).dtype,
-                          out_dtype=np.asarray(y_zero_point).dtype)
-        if direct_body_is_exact(plan, x_zero_point, y_zero_point, "float"):
+        yield candidate, BnReluPlan(x_scale, x_zero_point, weight, bias, mean, var, eps, candidate,
+                                    y_zero_point, in_dtype=np.asarray(x_zero_point).dtype,
+                                    out_dtype=np.asarray(y_zero_point).dtype)
+
+
+def integer_output_scale(*params, steps: int = 64) -> tuple[np.float32, IntegerAffine] | None:
+    """The output scale nearest to `y_scale` (`_nearby_plans`) for which the integer body is
+    exact, with its integer parameters, or None. `params` are `BnReluPlan`'s."""
+    for candidate, plan in _nearby_plans(*params, steps):
+        affine = integer_affine(plan, params[1], params[-1])
+        if affine is not None:
+            return candidate, affine
+    return None
+
+
+def float_output_scale(*params, steps: int = 64) -> np.float32:
+    """The output scale nearest to `y_scale` (`_nearby_plans`) for which the float body is exact,
+    else `y_scale`: onnxruntime then runs the node at float32 speed, still bit-exact."""
+    for candidate, plan in _nearby_plans(*params, steps):
+        if direct_body_is_exact(plan, params[1], params[-1], "float"):
             return candidate
-    return y_scale
+    return np.float32(params[-2])
 
 
 def node_plan(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> BnReluPlan | None:
     """The kernel plan of a QLinearBatchNormRelu node whose parameters are constants."""
-    if not all(name in constants for name in node.input[1:]):
+    if not all(name in constants for name in node.input[1:len(INPUTS)]):
         return None
-    x_scale, x_zp, weight, bias, mean, var, y_scale, y_zp = (constants[name]
-                                                            for name in node.input[1:])
+    x_scale, x_zp, weight, bias, mean, var, y_scale, y_zp = (
+        constants[name] for name in node.input[1:len(INPUTS)])
     epsilon = next((helper.get_attribute_value(a) for a in node.attribute
                     if a.name == "epsilon"), 1e-5)
     return BnReluPlan(x_scale, x_zp, weight, bias, mean, var, float(np.float32(epsilon)),
@@ -265,19 +326,38 @@ def node_plan(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> BnReluP
                       out_dtype=y_zp.dtype)
 
 
+def _integer_affine_of(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> IntegerAffine:
+    names = node.input[len(INPUTS):]
+    if len(names) != len(INTEGER_INPUTS) or not all(name in constants for name in names):
+        raise ModelError(f"{OP_TYPE} {node_label(node)} has {len(node.input)} inputs: expected "
+                         f"{len(INPUTS)}, or {len(INPUTS) + len(INTEGER_INPUTS)} with constant "
+                         "integer parameters")
+    weight, scale, bias = (constants[name] for name in names)
+    return IntegerAffine(weight, bias, scale)
+
+
 def body_for(model: onnx.ModelProto) -> str:
-    """The body `model` gets: the fastest direct body ("float", then "double") that is exact for
-    every one of the model's QLinearBatchNormRelu nodes (checked over all channels and input
-    codes), else "table", which is exact for any parameters (and for parameters that are not
-    constants, which cannot be checked)."""
+    """The body `model` gets: "integer" when its QLinearBatchNormRelu nodes carry integer
+    parameters (each checked over all channels and input codes: a ModelError if one is not
+    exact), else the fastest direct body ("float", then "double") that is exact for every node,
+    else "table", which is exact for any parameters (and for parameters that are not constants,
+    which cannot be checked)."""
     constants = constant_values(model)
-    checks = []
-    for node in model.graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+    nodes = [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+    if any(len(node.input) > len(INPUTS) for node in nodes):
+        for node in nodes:
             plan = node_plan(node, constants)
-            if plan is None:
-                return "table"
-            checks.append((plan, constants[node.input[2]], constants[node.input[8]]))
+            if plan is None or not integer_body_is_exact(plan, constants[node.input[8]],
+                                                         _integer_affine_of(node, constants)):
+                raise ModelError(f"{OP_TYPE} {node_label(node)}: its integer parameters do not "
+                                 "reproduce the quantized BN-ReLU exactly; calibrate the model again")
+        return "integer"
+    checks = []
+    for node in nodes:
+        plan = node_plan(node, constants)
+        if plan is None:
+            return "table"
+        checks.append((plan, constants[node.input[2]], constants[node.input[8]]))
     for precision in ("float", "double"):
         if all(direct_body_is_exact(*check, precision) for check in checks):
             return precision
@@ -287,6 +367,8 @@ def body_for(model: onnx.ModelProto) -> str:
 def function_for(model: onnx.ModelProto) -> onnx.FunctionProto:
     """The function body of `body_for(model)`, at the model's opset."""
     opset, body = default_opset(model), body_for(model)
+    if body == "integer":
+        return integer_function(opset)
     return qlinear_bn_relu_function(opset) if body == "table" else direct_function(opset, body)
 
 
@@ -297,7 +379,10 @@ class QLinearBatchNormRelu(OpRun):
     op_domain = DOMAIN
 
     def _run(self, X, X_scale, X_zero_point, scale, B, input_mean, input_var, Y_scale,
-             Y_zero_point, epsilon=None):
+             Y_zero_point, conv_weight=None, conv_scale=None, conv_bias=None, epsilon=None,
+             channels=None):
+        # the integer body's parameters (conv_*, channels) are a lowering: the kernel computes
+        # the op from its definition
         eps = 1e-5 if epsilon is None else float(np.float32(epsilon))
         key = (X.dtype.str, Y_zero_point.dtype.str, eps) + tuple(
             (a.dtype.str, a.shape, a.tobytes()) for a in (X_scale, X_zero_point, scale, B,

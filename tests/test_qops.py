@@ -19,7 +19,7 @@ from bnq.qops import (
     QLinearBatchNormRelu,
     direct_body_is_exact,
     direct_function,
-    fast_output_scale,
+    float_output_scale,
     function_for,
     qlinear_bn_relu_function,
 )
@@ -172,7 +172,7 @@ def test_a_nudged_output_scale_makes_the_float_body_exact():
             break
     else:
         pytest.fail("no parameter set needed a nudge")
-    scale = fast_output_scale(*args)
+    scale = float_output_scale(*args)
     assert scale != p["y_scale"] and abs(scale / p["y_scale"] - 1) < 1e-5
     p["y_scale"] = scale
     model = make_model(4, 64, np.uint8, p, body="float")
