@@ -49,6 +49,7 @@ from bnq.graph import (
 from bnq.machine import IntegerFormats
 from bnq.observers import make_observer
 from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
+from bnq.rewrites import fold_average_pool
 from bnq.quantization import QuantParams, quantize, weight_qparams
 from bnq.runtime import ort_session
 
@@ -86,7 +87,8 @@ class CalibrationReport:
     fusion: FuseReport
     tensors: tuple[QuantizedTensor, ...]
     ops_after: dict[str, int]
-    body: str  # the QLinearBatchNormRelu body onnxruntime runs: "float", "double" or "table"
+    body: str  # the QLinearBatchNormRelu body onnxruntime runs: "integer", "float", "double", "table"
+    folded_pools: tuple[str, ...]  # AveragePool nodes folded into the 1x1 Conv before them
 
 
 @dataclass
@@ -118,6 +120,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                              "output depends on the batch); export the model in eval mode")
     _check_weights(model)
     fused, fusion = fuse(_upgrade(model))
+    fused, folded_pools = fold_average_pool(fused)
     plan = _plan(fused)
     activation = np.dtype(formats.activation)
     observers = {name: make_observer(method, **(method_options or {}))
@@ -136,7 +139,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                 for node in plan.batch_norms]
     tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
     return quantized, CalibrationReport(samples, batches, method, formats, fusion, tuple(tensors),
-                                        op_counts(quantized), body_for(quantized))
+                                        op_counts(quantized), body_for(quantized), folded_pools)
 
 
 def _check_weights(model: onnx.ModelProto) -> None:

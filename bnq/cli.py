@@ -341,6 +341,7 @@ def _formats(activation_type: str | None, weight_type: str,
 
 # How onnxruntime computes a QLinearBatchNormRelu node, for each body bnq.qops.body_for chooses.
 BODY_WORDS = {
+    "integer": "onnxruntime's integer convolution kernels",
     "float": "a float32 formula of standard operators",
     "double": "a float64 formula of standard operators",
     "table": "a 256-entry lookup table per channel",
@@ -359,6 +360,9 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
         out.print(f"[bold]fused BN-ReLU nodes[/]: give exactly PyTorch's quantized BNReLU2d "
                   f"codes in stock onnxruntime, no plugin needed ({BODY_WORDS[report.body]}, "
                   "checked exact for every input code)")
+    if report.folded_pools:
+        out.print(f"[bold]pooling[/]: {len(report.folded_pools)} AveragePool folded into the "
+                  "1x1 convolution before it (one strided convolution: stays integer)")
     table = _table("Quantized tensors", "tensor", "role", "granularity", "range", "scale",
                    "zero point", right=("range", "scale", "zero point"))
     for tensor in report.tensors:
