@@ -43,6 +43,7 @@ INPUTS = ["X", "X_scale", "X_zero_point", "scale", "B", "input_mean", "input_var
 # The integer body's extra inputs (`bnq.integer.IntegerAffine`, the weight shaped [C, 1, ...] for
 # the input's rank) and its `channels` attribute (the convolution's group count).
 INTEGER_INPUTS = ["conv_weight", "conv_scale", "conv_bias"]
+BODIES = ("integer", "float", "double", "table")  # fastest first; `body_for` picks one per model
 MIN_OPSET = 19        # onnx's ReferenceEvaluator implements QuantizeLinear from opset 19 on
 
 

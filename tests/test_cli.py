@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from bnq.cli import cli
 from bnq.errors import ModelError
+from bnq.qops import BODIES
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "digits_cnn.onnx"
@@ -103,7 +104,7 @@ def test_choices_spelled_in_the_cli_match_the_registries():
     assert cli_module.METHODS == tuple(OBSERVERS)
     assert cli_module.BACKENDS == tuple(BACKENDS)
     assert cli_module.BACKEND_CHOICES == tuple(BACKEND_CHOICES)
-    assert set(cli_module.BODY_WORDS) == {"float", "double", "table"}
+    assert set(cli_module.BODY_WORDS) == set(BODIES)
 
 
 def test_arguments_of_the_other_mode_are_usage_errors():
