@@ -271,7 +271,7 @@ def _progress(description: str, total: int):
               help="Where to write the quantized model (.onnx or .npz).")
 @click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
               help="How activation ranges are chosen from the observed values.")
-@click.option("--percentile", type=float, default=99.99, show_default=True,
+@click.option("--percentile", type=float, default=99.999, show_default=True,
               callback=lambda ctx, param, value: _in_range(value, 50, 100),
               help="With --method percentile: the percentile of the values kept in range "
                    "(50 to 100).")

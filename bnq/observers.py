@@ -26,8 +26,12 @@ The histogram methods choose a threshold ``t`` on the magnitude histogram (the t
 folded around 0, |x| in bins [k w, (k+1) w)), then clip the range to [max(-t, min), min(t, max)]:
 
 * ``percentile`` p: rmax = the p-th percentile, rmin = the (100 - p)-th (0 for a one-sided
-  tensor); ``p = 100`` is exactly min/max. Samples are taken as evenly spread inside their bin,
-  so the result lies within one bin width of ``np.percentile`` where the data is dense.
+  tensor); ``p = 100`` is exactly min/max. Each sample is placed as if the samples of its bin
+  were evenly spread inside it, and the percentile interpolates linearly between the two samples
+  around its rank, as ``np.percentile`` does: the result lies within one bin width of
+  ``np.percentile``'s, also where the data is sparse (4 logits of 64 images: 256 values, so the
+  99.99th percentile lies 97% of the way from the second largest value to the largest; taking
+  the second largest's bin instead clipped the top logit by 14% and cost 12.9 dB of SQNR).
 * ``entropy``: TensorRT's KL-divergence search, as NVIDIA's pytorch-quantization computes it
   (``_compute_amax_entropy``; onnxruntime's ``CalibrationMethod.Entropy`` is MXNet's variant).
   Let ``h`` be the magnitude histogram without the values exactly 0 (counted per row and taken
@@ -252,7 +256,7 @@ class HistogramObserver(Observer):
 class PercentileObserver(HistogramObserver):
     """Range from the (100 - p)-th to the p-th percentile of the histogram (module docstring)."""
 
-    def __init__(self, per_channel: bool = False, percentile: float = 99.99,
+    def __init__(self, per_channel: bool = False, percentile: float = 99.999,
                  bins: int = DEFAULT_BINS):
         super().__init__(per_channel, bins)
         if (isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.number))
@@ -272,12 +276,16 @@ class PercentileObserver(HistogramObserver):
         total = cum[:, -1]
         rows = np.arange(cum.shape[0])
 
-        def quantile(q):
-            rank = q * (total - 1)
-            b = (cum <= np.floor(rank)[:, None]).sum(axis=1)  # bin holding sample floor(rank)
+        def sample(k):  # position of the k-th smallest value, evenly spread in its bin
+            b = (cum <= k[:, None]).sum(axis=1)
             count = self.histogram[rows, b]
-            inside = (rank - (cum[rows, b] - count) + 0.5) / count  # samples evenly spread
-            return np.ldexp(b - offset + np.clip(inside, 0, 1), e)
+            return np.ldexp(b - offset + (k - (cum[rows, b] - count) + 0.5) / count, e)
+
+        def quantile(q):  # np.percentile's linear interpolation between neighbouring samples
+            rank = q * (total - 1)
+            k = np.floor(rank)
+            upper = np.minimum(k + 1, total - 1)
+            return sample(k) + (rank - k) * (sample(upper) - sample(k))
 
         q = self.percentile / 100
         return (np.maximum(quantile(1 - q), self.min_val),
@@ -285,43 +293,10 @@ class PercentileObserver(HistogramObserver):
 
 
 class _ThresholdObserver(HistogramObserver):
-    """Searches a threshold t on the magnitude histogram; range [max(-t, min), min(t, max)]."""
+    """Searches a threshold t on the magnitude histogram; range [max(-t, min), min(t, max)].
 
-    def _range(self, levels, symmetric):
-        e, offset = self._grid(self.min_val, self.max_val)
-        lo = np.minimum(self.min_val, 0).astype(np.float64)
-        hi = np.maximum(self.max_val, 0).astype(np.float64)
-        steps = 2 * (levels // 2 - 1) if symmetric else levels - 1  # codes across the range
-        threshold = np.empty(offset.shape, dtype=np.float64)
-        for rows in (np.flatnonzero(offset == 0), np.flatnonzero(offset != 0)):
-            if rows.size == 0:
-                continue
-            two_sided = bool(offset[rows[0]])
-            w = np.ldexp(1.0, e[rows])
-            i = self._search(self._magnitudes(rows, two_sided),
-                             levels // 2 if two_sided or symmetric else levels,
-                             lo[rows] / w, hi[rows] / w, steps, symmetric)
-            threshold[rows] = i * w
-        return (np.maximum(-threshold, self.min_val).astype(np.float32),
-                np.minimum(threshold, self.max_val).astype(np.float32))
-
-    def _search(self, hist, levels, lo, hi, steps, symmetric) -> np.ndarray:
-        """Per row, the number of bins i of the best threshold t = i w (all in units of w)."""
-        raise NotImplementedError
-
-    def _magnitudes(self, rows: np.ndarray, two_sided: bool) -> np.ndarray:
-        """float64 histograms of |x| of ``rows``, bin k = [k w, (k + 1) w), for ``_search``."""
-        hist = self.histogram[rows]
-        if two_sided:  # fold: |x| in [k w, (k + 1) w) for x in [-(k + 1) w, -k w)
-            half = self.bins // 2
-            hist = hist[:, half:] + hist[:, half - 1::-1]
-        return hist.astype(np.float64)
-
-
-class EntropyObserver(_ThresholdObserver):
-    """Threshold minimising KL(P || Q), TensorRT's search (module docstring).
-
-    ``zeros`` counts the values exactly 0 per row, which the search leaves out of P and Q.
+    ``zeros`` counts the values exactly 0 per row, which the searches leave out: 0 is a code of
+    every range, so they are quantized exactly whatever the threshold.
     """
 
     def _start(self, rows):
@@ -336,10 +311,40 @@ class EntropyObserver(_ThresholdObserver):
         super()._absorb(other, new_lo, new_hi)
         self.zeros = self.zeros + other.zeros
 
-    def _magnitudes(self, rows, two_sided):
-        hist = super()._magnitudes(rows, two_sided)
+    def _range(self, levels, symmetric):
+        e, offset = self._grid(self.min_val, self.max_val)
+        lo = np.minimum(self.min_val, 0).astype(np.float64)
+        hi = np.maximum(self.max_val, 0).astype(np.float64)
+        steps = 2 * (levels // 2 - 1) if symmetric else levels - 1  # codes across the range
+        threshold = np.empty(offset.shape, dtype=np.float64)
+        for rows in (np.flatnonzero(offset == 0), np.flatnonzero(offset != 0)):
+            if rows.size == 0:
+                continue
+            two_sided = bool(offset[rows[0]])
+            w = np.ldexp(1.0, e[rows])
+            i = self._search(self._magnitudes(rows, two_sided), levels, lo[rows] / w,
+                             hi[rows] / w, steps, symmetric)
+            threshold[rows] = i * w
+        return (np.maximum(-threshold, self.min_val).astype(np.float32),
+                np.minimum(threshold, self.max_val).astype(np.float32))
+
+    def _search(self, hist, levels, lo, hi, steps, symmetric) -> np.ndarray:
+        """Per row, the number of bins i of the best threshold t = i w (all in units of w)."""
+        raise NotImplementedError
+
+    def _magnitudes(self, rows: np.ndarray, two_sided: bool) -> np.ndarray:
+        """float64 histograms of the non-zero |x| of ``rows``, bin k = [k w, (k + 1) w)."""
+        hist = self.histogram[rows]
+        if two_sided:  # fold: |x| in [k w, (k + 1) w) for x in [-(k + 1) w, -k w)
+            half = self.bins // 2
+            hist = hist[:, half:] + hist[:, half - 1::-1]
+        hist = hist.astype(np.float64)
         hist[:, 0] -= self.zeros[rows]  # 0 (and -0) falls in bin 0 of either layout
         return hist
+
+
+class EntropyObserver(_ThresholdObserver):
+    """Threshold minimising KL(P || Q), TensorRT's search (module docstring)."""
 
     def _search(self, hist, levels, lo, hi, steps, symmetric):
         rows, n = hist.shape
@@ -351,51 +356,84 @@ class EntropyObserver(_ThresholdObserver):
         total = cum[:, n:]
         # as TensorRT, thresholds run up to the largest value (the last non-empty bin)
         empty = total[:, 0] == 0
-        end = np.maximum(np.where(empty, 0, n - np.argmax(hist[:, ::-1] > 0, axis=1)), levels)
-        candidates = np.arange(levels, end.max() + 1)
+        first = levels if (lo == 0).all() and not symmetric else levels // 2
+        end = np.maximum(np.where(empty, 0, n - np.argmax(hist[:, ::-1] > 0, axis=1)), first)
+        candidates = np.arange(first, end.max() + 1)
+        codes = _codes_below(candidates, lo, hi, symmetric, levels)  # (rows, candidates)
         kl = np.empty((rows, candidates.size))
-        g = np.arange(levels + 1)
-        chunk = max(1, _CHUNK // (rows * (levels + 1)))  # bounds the (rows, chunk, levels) arrays
+        top = int(codes.max())
+        g = np.arange(top + 1)
+        r = np.arange(rows)[:, None]
+        chunk = max(1, _CHUNK // (rows * (top + 1)))  # bounds the (rows, chunk, levels) arrays
         for k in range(0, candidates.size, chunk):
             i = candidates[k:k + chunk]
-            edges = -((-g[None, :] * i[:, None]) // levels)  # level g: bins [edges[g], edges[g+1])
-            groups = np.diff(cum[:, edges], axis=2)
-            nz = np.diff(nonzero[:, edges], axis=2)
+            count = codes[:, k:k + chunk]
+            # level g: bins [edges[g], edges[g + 1]); levels past `count` are empty
+            edges = np.minimum(-((-g * i[:, None]) // count[..., None]), i[:, None])
+            groups = np.diff(np.take_along_axis(cum[:, None, :], edges, axis=2), axis=2)
+            nz = np.diff(np.take_along_axis(nonzero[:, None, :], edges, axis=2), axis=2)
+            last = (count - 1)[..., None]
             outliers = total - cum[:, i]
             p_last = hist[:, i - 1] + outliers
-            nz[:, :, -1] += (hist[:, i - 1] == 0) & (outliers > 0)
+            last_group = np.take_along_axis(groups, last, axis=2)[..., 0]
+            np.put_along_axis(nz, last, np.take_along_axis(nz, last, axis=2)
+                              + ((hist[:, i - 1] == 0) & (outliers > 0))[..., None], axis=2)
             mass = groups.copy()
-            mass[:, :, -1] += outliers
+            np.put_along_axis(mass, last, (last_group + outliers)[..., None], axis=2)
             with np.errstate(divide="ignore", invalid="ignore"):
                 cross = _xlogy(mass, groups / nz).sum(axis=2)
                 kl[:, k:k + chunk] = ((xlogx[:, i - 1] + _xlogy(p_last, p_last) - cross) / total
                                       + np.log(cum[:, i] / total))
             # Q is 0 where P holds the clipped mass: not representable
-            kl[:, k:k + chunk][(groups[:, :, -1] == 0) & (outliers > 0)] = np.inf
+            kl[:, k:k + chunk][(last_group == 0) & (outliers > 0)] = np.inf
         kl[candidates[None, :] > end[:, None]] = np.inf
+        # Not worse than min/max in expected squared error (the mse method's cost): where the
+        # values are few or sparse, KL sees no rounding error at i = L (one bin per level, Q = P)
+        # and would clip 4 logits of 64 images at 0.87 of their maximum (-12.7 dB)
+        error = _expected_error(hist, lo, hi, steps, symmetric)
+        no_clip = np.take_along_axis(error, end[:, None] - 1, axis=1)
+        kl[error[:, candidates - 1] > no_clip * (1 + 1e-9)] = np.inf
         kl[empty] = 0  # nothing but zeros: every threshold represents them exactly
         return candidates[np.argmin(kl, axis=1)]
+
+
+def _codes_below(i, lo, hi, symmetric, levels):
+    """Per row and candidate threshold of i bins, the number L of the ``levels`` codes that
+    cover the magnitudes [0, i): all of them for a one-sided range, half for a symmetric one;
+    for an affine two-sided range [max(-i, lo), min(i, hi)] the share of its width that [0, i)
+    takes (a HardSwish output, [-0.375, 23.7], puts about 250 codes above zero, not 128)."""
+    if symmetric:
+        return np.broadcast_to(np.minimum(levels // 2, i), (lo.size, i.size))
+    span = np.minimum(i, hi[:, None]) - np.maximum(-i, lo[:, None])
+    inside = np.minimum(i, np.maximum(-lo, hi)[:, None])
+    count = np.rint(levels * inside / np.maximum(span, 1))  # span < 1 bin: all zeros, any L
+    return np.clip(count, levels // 2, np.minimum(levels, i)).astype(np.int64)
+
+
+def _expected_error(hist, lo, hi, steps, symmetric):
+    """(rows, n) expected squared error of the thresholds i = 1 .. n bins (module docstring)."""
+    n = hist.shape[1]
+    i = np.arange(1, n + 1, dtype=np.float64)
+    centre = np.arange(n) + 0.5
+
+    def beyond(v):  # sums over bins j >= i, for i = 1 .. n
+        return np.hstack([np.cumsum(v[:, :0:-1], axis=1)[:, ::-1], np.zeros((len(v), 1))])
+
+    s0, s1, s2 = (beyond(hist * centre**k) for k in range(3))
+    if symmetric:
+        span = 2 * np.minimum(i, np.maximum(-lo, hi)[:, None])
+    else:
+        span = np.minimum(i, hi[:, None]) - np.maximum(-i, lo[:, None])
+    inside = hist.sum(axis=1, keepdims=True) - s0
+    return (span / steps) ** 2 / 12 * inside + s2 - 2 * i * s1 + i**2 * s0 + s0 / 12
 
 
 class MseObserver(_ThresholdObserver):
     """Threshold minimising the expected squared quantization error (module docstring)."""
 
     def _search(self, hist, levels, lo, hi, steps, symmetric):
-        n = hist.shape[1]
-        i = np.arange(1, n + 1, dtype=np.float64)
-        centre = np.arange(n) + 0.5
-
-        def beyond(v):  # sums over bins j >= i, for i = 1 .. n
-            return np.hstack([np.cumsum(v[:, :0:-1], axis=1)[:, ::-1], np.zeros((len(v), 1))])
-
-        s0, s1, s2 = (beyond(hist * centre**k) for k in range(3))
-        if symmetric:
-            span = 2 * np.minimum(i, np.maximum(-lo, hi)[:, None])
-        else:
-            span = np.minimum(i, hi[:, None]) - np.maximum(-i, lo[:, None])
-        inside = hist.sum(axis=1, keepdims=True) - s0
-        error = (span / steps) ** 2 / 12 * inside + s2 - 2 * i * s1 + i**2 * s0 + s0 / 12
-        return i[np.argmin(error, axis=1)]
+        error = _expected_error(hist, lo, hi, steps, symmetric)
+        return np.argmin(error, axis=1) + 1.0
 
 
 def _xlogy(x, y):
