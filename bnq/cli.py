@@ -128,18 +128,97 @@ def _force_option(function):
     return click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")(function)
 
 
+class _Size(click.ParamType):
+    """N or HxW."""
+
+    name = "N|HxW"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | tuple[int, int]:
+        if isinstance(value, (int, tuple)):
+            return value
+        try:
+            parts = tuple(int(part) for part in value.lower().split("x"))
+        except ValueError:
+            parts = ()
+        if len(parts) not in (1, 2) or min(parts) < 1:
+            self.fail(f"{value!r} is not a size: N or HxW, e.g. 224 or 224x224", param, ctx)
+        return parts[0] if len(parts) == 1 else parts
+
+
+class _Floats(click.ParamType):
+    """Comma-separated numbers, one per channel or one for all."""
+
+    name = "A[,B,C]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(part) for part in value.split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+# bnq.images.PRESETS' keys (tests/test_cli.py checks), spelled out for a fast --help.
+PRESETS = ("imagenet", "paddleocr", "unit")
+IMAGE_OPTIONS = ("preset", "resize", "crop", "scale", "mean", "std", "channels", "layout")
+
+
 def _data_options(function):
-    """--data, --batch-size and --num-samples, shared by the commands that read samples."""
+    """--data, --batch-size, --num-samples and the image options, shared by the commands that
+    read samples."""
     for option in reversed([
         click.option("-d", "--data", type=click.Path(path_type=Path), required=True,
-                     help="Samples: .npz keyed by input name, .npy, or a directory of them."),
+                     help="Samples: .npz keyed by input name, .npy, a directory of them, or a "
+                          "folder of JPEG/PNG images (class subfolders give labels)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Samples per batch run through the model."),
         click.option("--num-samples", type=click.IntRange(min=1), default=None,
                      help="Use at most this many samples (default: all)."),
+        click.option("--preset", type=click.Choice(PRESETS), default=None,
+                     help="Images: a preprocessing convention: imagenet (resize the shorter "
+                          "side to size/0.875, center crop, /255, ImageNet mean/std, RGB), "
+                          "paddleocr (resize, /255, ImageNet mean/std, BGR), unit (resize, "
+                          "/255). Default: unit. The options below override it."),
+        click.option("--resize", type=_Size(), default=None,
+                     help="Images: shorter side to N (aspect kept), or exactly HxW "
+                          "(default: the model's input size)."),
+        click.option("--crop", type=_Size(), default=None,
+                     help="Images: center crop N or HxW after resizing."),
+        click.option("--scale", type=float, default=None,
+                     help="Images: pixel values (0-255) are multiplied by this (default 1/255)."),
+        click.option("--mean", type=_Floats(), default=None,
+                     help="Images: subtracted after scaling, per channel (e.g. "
+                          "0.485,0.456,0.406)."),
+        click.option("--std", type=_Floats(), default=None,
+                     help="Images: divides after the mean, per channel."),
+        click.option("--channels", type=click.Choice(["RGB", "BGR"]), default=None,
+                     help="Images: channel order (default RGB; BGR for OpenCV-trained models)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
+                     help="Images: tensor layout (default: from the model's input shape)."),
     ]):
         function = option(function)
     return function
+
+
+def _open_samples(ctx: click.Context, data: Path, model, image: dict[str, Any],
+                  extra_keys: tuple[str, ...] = ()):
+    """SampleData for `model`; image options for data that is not a folder of images are a
+    usage error."""
+    from bnq.data import SampleData, model_inputs
+    from bnq.images import PRESETS as PRESET_TABLE
+    from bnq.images import Preprocessing, holds_images, with_options
+
+    given = {key: value for key, value in image.items() if value is not None}
+    preprocessing = None
+    if given:
+        if not (data.is_dir() and holds_images(data)):
+            _refuse(ctx, IMAGE_OPTIONS, f"to {data}: it is not a folder of JPEG/PNG images")
+        crop = given.pop("crop", None)
+        preset = PRESET_TABLE[given.pop("preset")] if "preset" in given else Preprocessing()
+        preprocessing = with_options(preset, crop=(crop, crop) if isinstance(crop, int) else crop,
+                                     **given)
+    return SampleData(data, model_inputs(model), extra_keys=extra_keys, images=preprocessing)
 
 
 def _report_text(as_json: bool, payload: Callable[[], Any], render: Callable[[], None]) -> str:
@@ -284,10 +363,11 @@ def _progress(description: str, total: int):
                    "(default: on for such CPUs).")
 @_force_option
 @_json_option
-def calibrate_command(model: Path, data: Path, output: Path, method: str, percentile: float,
-                      batch_size: int, num_samples: int | None, activation_type: str | None,
-                      weight_type: str, reduce_range: bool | None, force: bool,
-                      as_json: bool) -> None:
+@click.pass_context
+def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path, method: str,
+                      percentile: float, batch_size: int, num_samples: int | None,
+                      activation_type: str | None, weight_type: str, reduce_range: bool | None,
+                      force: bool, as_json: bool, **image: Any) -> None:
     """Quantize MODEL (float, fused or not) with ranges calibrated on DATA.
 
     Conv/Gemm/MatMul get int8 weights per output channel and quantized activations (QDQ, which
@@ -295,16 +375,16 @@ def calibrate_command(model: Path, data: Path, output: Path, method: str, percen
     bnq.QLinearBatchNormRelu node, bit-exact with PyTorch's quantized BNReLU2d.
 
     \b
-    Example:
+    Examples:
       bnq calibrate samples/digits_cnn.onnx -d samples/calib.npz -o /tmp/digits_int8.onnx
+      bnq calibrate resnet50.onnx -d photos/ --preset imagenet -o resnet50_int8.onnx
     """
     from bnq.calibrate import calibrate
-    from bnq.data import SampleData, model_inputs
     from bnq.io import check_output_path, load_model, save_model
 
     check_output_path(output, [model, data], overwrite=force)
     float_model = load_model(model)
-    samples = SampleData(data, model_inputs(float_model))
+    samples = _open_samples(ctx, data, float_model, image)
     formats = _formats(activation_type, weight_type, reduce_range)
     options = {"percentile": percentile} if method == "percentile" else {}
     total = min(num_samples or samples.num_samples, samples.num_samples)
@@ -388,23 +468,25 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
 @click.option("--labels", default="labels", show_default=True,
               help="Key of the labels array in DATA, for top-1/top-5 accuracy.")
 @_json_option
-def evaluate_command(quantized: Path, reference: Path, data: Path, batch_size: int,
-                     num_samples: int | None, backend: str, labels: str, as_json: bool) -> None:
+@click.pass_context
+def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data: Path,
+                     batch_size: int, num_samples: int | None, backend: str, labels: str,
+                     as_json: bool, **image: Any) -> None:
     """Compare QUANTIZED with its float REFERENCE on DATA: for each output the figures that fit
     it (top-1/top-5 agreement and accuracy for classification scores; SQNR, cosine, errors, and
     IoU at 0.5 for maps in [0, 1]), then the SQNR of every quantized tensor against the float
     tensor at the same place, worst first, so you see where quantization error enters.
 
     \b
-    Example:
+    Examples:
       bnq evaluate /tmp/digits_int8.onnx -r samples/digits_cnn.onnx -d samples/eval.npz
+      bnq evaluate resnet50_int8.onnx -r resnet50.onnx -d val/ --preset imagenet
     """
-    from bnq.data import SampleData, model_inputs
     from bnq.evaluate import evaluate
     from bnq.io import load_model
 
     float_model = load_model(reference)
-    samples = SampleData(data, model_inputs(float_model), extra_keys=(labels,))
+    samples = _open_samples(ctx, data, float_model, image, extra_keys=(labels,))
     total = min(num_samples or samples.num_samples, samples.num_samples)
     with _progress("evaluating", total) as progress:
         report = evaluate(load_model(quantized), float_model, samples, backend=backend,

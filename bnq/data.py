@@ -1,8 +1,10 @@
 """Sample data for calibration and evaluation, streamed in batches.
 
 A data source is a `.npz` file keyed by the model's input names (a single-input model also takes a
-single array under any key), a `.npy` file (single-input models), or a directory of such files,
-read in name order and concatenated along the batch axis (axis 0). Arrays are read a batch at a
+single array under any key), a `.npy` file (single-input models), a directory of such files,
+read in name order and concatenated along the batch axis (axis 0), or a folder of JPEG/PNG
+images for a single-input model (`bnq.images`: decoded and preprocessed batch by batch, labels
+from class subfolders under every extra key asked for). Arrays are read a batch at a
 time, straight from the file (`.npy` through a memory map, `.npz` members as a stream), so memory
 does not grow with the number of samples; nothing is unpickled.
 
@@ -26,7 +28,8 @@ import onnx
 
 from bnq.errors import DataError, ModelError, one_line
 from bnq.graph import constant_values, numpy_dtype
-from bnq.io import read_npy_header, regular_file
+from bnq.images import Preprocessing, check_image, holds_images, image_files, load_image, plan
+from bnq.io import GRAPH_KEY, read_npy_header, regular_file
 
 DATA_SUFFIXES = (".npz", ".npy")
 MAX_SAMPLE_BYTES = 1 << 30  # one sample larger than this is a mistake, not a tensor to read
@@ -142,13 +145,52 @@ class _ClosingMember:
         self.archive.close()
 
 
+class _ImageFolder:
+    """A folder of images for a single-input model (see `bnq.images`)."""
+
+    def __init__(self, folder: Path, inputs: list[InputSpec], preprocessing: Preprocessing,
+                 extra_keys: tuple[str, ...]) -> None:
+        if len(inputs) != 1:
+            raise DataError(f"{folder}: a folder of images feeds a single-input model; this "
+                            f"model has inputs {', '.join(spec.name for spec in inputs)}")
+        self.spec = inputs[0]
+        if self.spec.dtype.kind != "f":
+            raise DataError(f"{folder}: images feed a float input; model input "
+                            f"{self.spec.name!r} takes {self.spec.dtype}")
+        self.files, self.labels, self.classes = image_files(folder)
+        self.plan = plan(preprocessing, self.spec.shape, str(folder))
+        check_image(self.files[0])  # Pillow is installed and the first file is an image
+        self.label_keys = extra_keys if self.labels is not None else ()
+
+    def batches(self, batch_size: int, count: int,
+                keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, count, batch_size):
+            files = self.files[start:min(start + batch_size, count)]
+            batch = {self.spec.name: np.stack([load_image(f, self.plan) for f in files])
+                     .astype(self.spec.dtype, copy=False)}
+            for key in keys:
+                batch[key] = np.asarray(self.labels[start:start + len(files)], np.int64)
+            yield batch
+
+
 class SampleData:
-    """Samples for a model's inputs, opened and checked; `batches()` streams them."""
+    """Samples for a model's inputs, opened and checked; `batches()` streams them. `images`
+    says how a folder of images becomes input (default: resized to the model's input size,
+    pixels / 255, RGB)."""
 
     def __init__(self, path: str | Path, inputs: list[InputSpec], *,
-                 extra_keys: tuple[str, ...] = ()) -> None:
+                 extra_keys: tuple[str, ...] = (), images: Preprocessing | None = None) -> None:
         self.path = Path(path)
         self.inputs = inputs
+        self.images: _ImageFolder | None = None
+        if self.path.is_dir() and holds_images(self.path) and not self._data_files():
+            self.images = _ImageFolder(self.path, inputs, images or Preprocessing(), extra_keys)
+            self.parts = []
+            self.num_samples = len(self.images.files)
+            return
+        if images is not None:
+            raise DataError(f"{self.path}: image preprocessing was given, but this is not a "
+                            "folder of JPEG/PNG images")
         files = self._files()
         self.parts: list[dict[str, _Member]] = [self._open_file(f, extra_keys) for f in files]
         self.num_samples = sum(next(iter(part.values())).rows for part in self.parts)
@@ -156,13 +198,19 @@ class SampleData:
             raise DataError(f"{self.path}: holds no samples")
 
     def has(self, key: str) -> bool:
+        if self.images is not None:
+            return key in self.images.label_keys
         return all(key in part for part in self.parts)
+
+    def _data_files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
 
     def _files(self) -> list[Path]:
         if self.path.is_dir():
-            files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+            files = self._data_files()
             if not files:
-                raise DataError(f"{self.path}: the directory holds no .npz or .npy files")
+                raise DataError(f"{self.path}: the directory holds no .npz, .npy or JPEG/PNG "
+                                "files")
             for path in files:
                 regular_file(path, "data file", DataError)
             return files
@@ -185,6 +233,9 @@ class SampleData:
                     keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
             except (zipfile.BadZipFile, OSError) as error:
                 raise DataError(f"{path}: not a .npz file ({error})") from error
+            if GRAPH_KEY in keys:
+                raise DataError(f"{path}: a model in bnq's .npz format, not sample data; give "
+                                "-d a data file, or a folder that holds only data")
             members = {}
             for spec in self.inputs:
                 if spec.name in keys:
@@ -224,6 +275,9 @@ class SampleData:
         """Dicts of arrays, `batch_size` samples each (the last may be short), model inputs cast
         to their dtype and checked for NaN and infinity, plus the `keys` asked for."""
         remaining = self.num_samples if num_samples is None else min(num_samples, self.num_samples)
+        if self.images is not None:
+            yield from self.images.batches(batch_size, remaining, keys)
+            return
         dtypes = {spec.name: spec.dtype for spec in self.inputs}
         wanted = [*dtypes, *keys]
         for part in self.parts:

@@ -23,3 +23,7 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     message: whitespace and line breaks collapsed, cut at `limit` characters."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class MissingExtraError(BnqError):
+    """A feature that needs an optional extra (`pip install 'bnq[images]'`...) not installed."""

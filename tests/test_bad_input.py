@@ -547,7 +547,7 @@ BAD_DATA = {
     "npz-uneven": ("d.npz", lambda p: np.savez(p, x=samples(3), labels=np.arange(4)),
                    "different numbers of samples"),
     "npz-not-zip": ("d.npz", lambda p: p.write_bytes(b"PK nope"), "not a .npz file"),
-    "empty-directory": ("d", lambda p: p.mkdir(), "no .npz or .npy files"),
+    "empty-directory": ("d", lambda p: p.mkdir(), "no .npz, .npy or JPEG/PNG files"),
     "directory-one-bad": ("d", lambda p: (p.mkdir(), np.save(p / "a.npy", samples(3)),
                                           np.save(p / "b.npy", samples(3, shape=(2, 4, 4)))),
                           "b.npy"),
