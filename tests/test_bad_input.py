@@ -848,7 +848,7 @@ def test_data_that_is_not_a_regular_file_is_refused(work, case, inside):
         write(work / "d.npy")
         data = work / "d.npy"
         if case == "directory":  # a data directory, that happens to be named d.npy
-            message = "holds no .npz or .npy files"
+            message = "holds no .npz, .npy or JPEG/PNG files"
     for args in data_commands(work, data):
         line = assert_fails_cleanly(work, args, ("b.npy" if inside else "d.npy",),
                                     isolated=case == "fifo")
