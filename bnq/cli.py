@@ -467,11 +467,18 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
                    "kernel paths code for code.")
 @click.option("--labels", default="labels", show_default=True,
               help="Key of the labels array in DATA, for top-1/top-5 accuracy.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Also write the report as one self-contained HTML page (.html) with charts: "
+                   "per-layer SQNR, histograms of the worst layers' values with their "
+                   "calibrated ranges. Needs bnq[report].")
+@click.option("--force", is_flag=True, help="With --report: overwrite the page if it exists.")
 @_json_option
 @click.pass_context
 def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data: Path,
                      batch_size: int, num_samples: int | None, backend: str, labels: str,
-                     as_json: bool, **image: Any) -> None:
+                     report_path: Path | None, force: bool, as_json: bool,
+                     **image: Any) -> None:
     """Compare QUANTIZED with its float REFERENCE on DATA: for each output the figures that fit
     it (top-1/top-5 agreement and accuracy for classification scores; SQNR, cosine, errors, and
     IoU at 0.5 for maps in [0, 1]), then the SQNR of every quantized tensor against the float
@@ -481,10 +488,20 @@ def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data:
     Examples:
       bnq evaluate /tmp/digits_int8.onnx -r samples/digits_cnn.onnx -d samples/eval.npz
       bnq evaluate resnet50_int8.onnx -r resnet50.onnx -d val/ --preset imagenet
+      bnq evaluate /tmp/digits_int8.onnx -r samples/digits_cnn.onnx -d samples/eval.npz \\
+        --report /tmp/digits_report.html
     """
     from bnq.evaluate import evaluate
-    from bnq.io import load_model
+    from bnq.io import check_output_path, load_model, write_atomic
 
+    if report_path is None:
+        _refuse(ctx, ("force",), "without --report")
+    else:
+        from bnq.report import render_html, require_matplotlib
+
+        check_output_path(report_path, [quantized, reference, data], overwrite=force,
+                          suffixes=(".html", ".htm"))
+        require_matplotlib()  # before the work, not after it
     float_model = load_model(reference)
     samples = _open_samples(ctx, data, float_model, image, extra_keys=(labels,))
     total = min(num_samples or samples.num_samples, samples.num_samples)
@@ -492,8 +509,20 @@ def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data:
         report = evaluate(load_model(quantized), float_model, samples, backend=backend,
                           batch_size=batch_size, num_samples=num_samples, labels=labels,
                           progress=lambda n: progress.advance(progress.task_ids[0], n))
-    _emit(_report_text(as_json, lambda: dataclasses.asdict(report),
-                       lambda: _render_evaluation(report)))
+    text = _report_text(as_json, lambda: dataclasses.asdict(report),
+                        lambda: _render_evaluation(report, report_path))
+    if report_path is not None:
+        from bnq.machine import describe
+
+        page = render_html(report, title=f"bnq evaluate: {quantized.name} against "
+                                         f"{reference.name}",
+                           details=[("quantized model", str(quantized)),
+                                    ("float model", str(reference)),
+                                    ("data", f"{data} ({report.samples} samples)"),
+                                    ("backend", report.backend),
+                                    ("machine", _machine_line(describe()))])
+        write_atomic(report_path, lambda handle: handle.write(page.encode()), overwrite=force)
+    _emit(text)
 
 
 def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
@@ -509,7 +538,7 @@ def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
 LAYERS_SHOWN = 20
 
 
-def _render_evaluation(report: EvaluationReport) -> None:
+def _render_evaluation(report: EvaluationReport, report_path: Path | None = None) -> None:
     from bnq.report import summary_rows
 
     summary = _table(f"{report.samples} samples, backend {report.backend}", "what", "value",
@@ -534,6 +563,8 @@ def _render_evaluation(report: EvaluationReport) -> None:
     out.print(layers)
     if len(report.layers) > LAYERS_SHOWN:
         out.print(f"{len(report.layers) - LAYERS_SHOWN} more in --json and --report")
+    if report_path is not None:
+        out.print(f"wrote {report_path}")
 
 
 @cli.command("bench", short_help="Time models per backend and thread count, or the operator alone.")

@@ -68,6 +68,7 @@ class LayerMetrics:
     clipped: float  # fraction of the float values outside `range`
     histogram: tuple[int, ...]  # float values in equal bins over `histogram_range`
     histogram_range: tuple[float, float]
+    position: int  # order of the tensor in the quantized graph
     backend_max_lsb_diff: int | None = None
 
 
@@ -146,8 +147,8 @@ def quantized_tensors(quantized: onnx.ModelProto,
 class _Layer:
     """The accumulators of one quantized tensor."""
 
-    def __init__(self, quantized: QuantizedTensor) -> None:
-        self.quantized = quantized
+    def __init__(self, quantized: QuantizedTensor, position: int) -> None:
+        self.quantized, self.position = quantized, position
         self.range = quantized.calibrated_range()
         margin = 0.25 * (self.range[1] - self.range[0]) or 1.0
         self.errors = ErrorSums()
@@ -166,7 +167,7 @@ class _Layer:
             self.quantized.tensor, self.quantized.op, self.errors.sqnr_db(), self.errors.mean_abs_error(),
             self.range, self.clipped / max(self.errors.count, 1),
             tuple(int(c) for c in self.histogram.counts),
-            (self.histogram.start, self.histogram.stop), self.lsb)
+            (self.histogram.start, self.histogram.stop), self.position, self.lsb)
 
 
 def _is_classification(shape: tuple[int, ...]) -> bool:
@@ -187,7 +188,8 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
         raise ArgumentError("the quantized model's outputs differ from the reference model's "
                             f"({', '.join(outputs)}): is it the quantized version of it?")
     reference_names = set(producers(reference.graph)) | {v.name for v in reference.graph.input}
-    layers = [_Layer(q) for q in quantized_tensors(quantized, reference_names)]
+    layers = [_Layer(q, position)
+              for position, q in enumerate(quantized_tensors(quantized, reference_names))]
     fused = _fused_nodes(quantized) if backend == "both" else []
     inputs = {value.name for value in reference.graph.input}
     reference_probe = with_outputs(reference, [layer.quantized.tensor for layer in layers

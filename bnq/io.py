@@ -175,9 +175,10 @@ def _umask() -> int:
 
 
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], *,
-                      overwrite: bool) -> Path:
+                      overwrite: bool, suffixes: tuple[str, ...] | None = None) -> Path:
     """Refuse, before any work, an output that is one of the inputs (by any name: a symbolic or
-    hard link), a directory, or a file that exists when `overwrite` is off."""
+    hard link), a directory, a file that exists when `overwrite` is off, or a name not ending
+    in one of `suffixes` (default: a model's)."""
     output = Path(output)
     try:
         for source in inputs:
@@ -186,10 +187,13 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
                                "path")
         if output.is_dir():
             raise BnqError(f"{output} is a directory; give the output a file name ending in "
-                           ".onnx or .npz")
+                           f"{' or '.join(suffixes or MODEL_SUFFIXES)}")
         if os.path.lexists(output) and not overwrite:
             raise BnqError(f"{output} already exists (use --force to overwrite it)")
-        _model_suffix(output)
+        if suffixes is None:
+            _model_suffix(output)
+        elif output.suffix.lower() not in suffixes:
+            raise BnqError(f"{output}: give a name ending in {' or '.join(suffixes)}")
         _check_directory(output)
     except OSError as error:  # a name longer than the system allows, ...
         raise BnqError(f"{output}: cannot write there ({error.strerror or one_line(error)})") \
