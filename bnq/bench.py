@@ -17,6 +17,7 @@ so that machine noise hits every path alike.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnq import ops
 from bnq.errors import ArgumentError
 from bnq.kernels import BnReluPlan
+from bnq.limits import check_size
 from bnq.machine import Machine, describe
 from bnq.ops import DOMAIN
 from bnq.qops import MIN_OPSET, OP_TYPE
@@ -130,6 +132,9 @@ def _torch_runner(p, rank, threads: int):
     return run, lambda y: y.int_repr().contiguous().numpy()
 
 
+KERNEL_BYTES_PER_ELEMENT = 16  # uint8 input, three float32 temporaries, five uint8 outputs
+
+
 def bench_kernel(shape=(32, 64, 56, 56), threads=1, repeats=15, seed=0) -> KernelBench:
     """Median and p90 wall time of each path on one random uint8 tensor of `shape`."""
     shape = tuple(int(s) for s in shape)
@@ -137,6 +142,9 @@ def bench_kernel(shape=(32, 64, 56, 56), threads=1, repeats=15, seed=0) -> Kerne
         raise ArgumentError(f"shape: expected 3 to 5 positive dimensions (N, C, ...), got {shape}")
     if threads < 1 or repeats < 1:
         raise ArgumentError(f"threads, repeats: expected >= 1, got {threads}, {repeats}")
+    # the input, the float32 temporaries of the naive formula and every path's output
+    check_size(math.prod(shape) * KERNEL_BYTES_PER_ELEMENT, f"bench --kernel on shape {list(shape)}",
+               ArgumentError, "use a smaller shape")
     rng = np.random.default_rng(seed)
     x, p = _random_case(shape, rng)
     plan = BnReluPlan(p["x_scale"], p["x_zero_point"], p["weight"], p["bias"],

@@ -31,7 +31,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from bnq import ops
-from bnq.data import SampleData
+from bnq.data import SampleData, model_inputs
 from bnq.errors import ArgumentError, DataError, ModelError
 from bnq.fusion import FuseReport, fuse
 from bnq.graph import (
@@ -51,7 +51,7 @@ from bnq.observers import make_observer
 from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
 from bnq.rewrites import fold_average_pool
 from bnq.quantization import QuantParams, quantize, weight_qparams
-from bnq.runtime import ort_session
+from bnq.runtime import batched, onnxruntime_runner
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -118,7 +118,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                 a.name == "training_mode" and a.i for a in node.attribute)):
             raise ModelError(f"BatchNormalization {node_label(node)} is in training mode (its "
                              "output depends on the batch); export the model in eval mode")
-    _check_weights(model)
+    _check_model(model)
     fused, fusion = fuse(_upgrade(model))
     fused, folded_pools = fold_average_pool(fused)
     plan = _plan(fused)
@@ -142,8 +142,24 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                                         op_counts(quantized), body_for(quantized), folded_pools)
 
 
-def _check_weights(model: onnx.ModelProto) -> None:
-    """Blame NaN or infinite weights on the weights, before they turn up in the activations."""
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearBatchNormRelu", "QLinearConv",
+                 "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+
+
+def _check_model(model: onnx.ModelProto) -> None:
+    """Refuse what bnq cannot quantize, saying why: a model that is quantized already (a second
+    quantization would compound the rounding), float inputs other than float32 (QuantizeLinear
+    and bnq's kernels take float32), and NaN or infinite weights, blamed on the weights before
+    they turn up in the activations."""
+    quantized = [node for node in model.graph.node if node.op_type in QUANTIZED_OPS]
+    if quantized:
+        raise ModelError(f"the model is quantized already ({quantized[0].op_type} "
+                         f"{node_label(quantized[0])}, {len(quantized)} such nodes): calibrate "
+                         "the float model it was made from")
+    for spec in model_inputs(model):
+        if spec.dtype.kind == "f" and spec.dtype != np.float32:
+            raise ModelError(f"model input {spec.name!r} is {spec.dtype}: bnq quantizes float32 "
+                             "models; convert the model to float32 first")
     constants = constant_values(model)
     for node in model.graph.node:
         if node.op_type in WEIGHTED:
@@ -251,9 +267,9 @@ def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
 def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_size: int,
              num_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Run the float model over the data with every observed tensor as an extra output."""
-    probe = with_outputs(model, list(observers))
-    session = ort_session(probe)
     names = list(observers)
+    probe = with_outputs(model, names)
+    run = batched(probe, onnxruntime_runner(probe, names=names))
     writers = producers(model.graph)
 
     def where(name: str) -> str:
@@ -264,7 +280,7 @@ def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_si
     samples = batches = 0
     for batch in data.batches(batch_size, num_samples):
         count = len(next(iter(batch.values())))
-        for name, value in zip(names, session.run(names, batch)):
+        for name, value in zip(names, run(batch)):
             if value.size == 0:
                 raise ModelError(f"{where(name)} is empty (shape {list(value.shape)} for "
                                  f"{count} samples): there is nothing to calibrate; fix the model")

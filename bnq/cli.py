@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # the heavy modules (numpy, onnx, onnxruntime) load when a co
 METHODS = ("minmax", "percentile", "entropy", "mse")
 BACKENDS = ("numpy", "onnxruntime")
 BACKEND_CHOICES = (*BACKENDS, "both")
+# More threads than 4 per core measure only the cost of creating them (4000 took minutes).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 # A terminal's tables fold long names onto several lines (never cut them, see _table); pipes and
 # files get lines as long as the tables need, so that a name stays whole on one line. Reports are
@@ -576,8 +578,9 @@ def _render_evaluation(report: EvaluationReport, report_path: Path | None = None
               default=["onnxruntime"], show_default=True, help="Backends to time (repeatable).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples per run.")
-@click.option("--threads", type=click.IntRange(min=1), multiple=True,
-              help="Intra-op threads (repeatable; default: 1 and all cores).")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), multiple=True,
+              help=f"Intra-op threads (repeatable; default: 1 and all cores; at most "
+                   f"{MAX_THREADS}, 4 per core).")
 @click.option("-d", "--data", type=click.Path(path_type=Path), default=None,
               help="Take the input batch from these samples instead of random data.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
@@ -651,6 +654,7 @@ def _bench_feeds(model, data: Path | None, batch_size: int) -> dict[str, np.ndar
     import numpy as np
 
     from bnq.data import SampleData, model_inputs
+    from bnq.limits import check_size
 
     specs = model_inputs(model)
     if data is not None:
@@ -661,6 +665,9 @@ def _bench_feeds(model, data: Path | None, batch_size: int) -> dict[str, np.ndar
         if any(dim is None for dim in spec.shape[1:]):
             raise BnqError(f"model input {spec.name!r} has dynamic dimensions "
                            f"{list(spec.shape)}: pass --data with samples of the right shape")
+        check_size(8 * batch_size * math.prod(spec.shape[1:]),  # drawn as float64
+                   f"random input {spec.name!r} for a batch of {batch_size}", BnqError,
+                   "use a smaller --batch-size")
         feeds[spec.name] = rng.standard_normal((batch_size, *spec.shape[1:])).astype(spec.dtype)
     return feeds
 

@@ -11,7 +11,8 @@ does not grow with the number of samples; nothing is unpickled.
 Everything that can be checked without reading the data (keys, dtypes, shapes against the model's
 inputs, equal sample counts, files as long as their headers declare) is checked when the source is
 opened, before any work. Limits protect the machine from a mistyped shape: a sample larger than
-MAX_SAMPLE_BYTES, or a batch of one input larger than MAX_BATCH_BYTES, is refused unread.
+MAX_SAMPLE_BYTES, or a batch of one input larger than bnq's memory limit (`bnq.limits`), is
+refused unread.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from bnq.errors import DataError, ModelError, one_line
 from bnq.graph import constant_values, numpy_dtype
 from bnq.images import Preprocessing, check_image, holds_images, image_files, load_image, plan
 from bnq.io import GRAPH_KEY, read_npy_header, regular_file
+from bnq.limits import check_size
 
 DATA_SUFFIXES = (".npz", ".npy")
 MAX_SAMPLE_BYTES = 1 << 30  # one sample larger than this is a mistake, not a tensor to read
-MAX_BATCH_BYTES = 1 << 31  # what one batch of one input may take in memory
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class _ImageFolder:
         if len(inputs) != 1:
             raise DataError(f"{folder}: a folder of images feeds a single-input model; this "
                             f"model has inputs {', '.join(spec.name for spec in inputs)}")
-        self.spec = inputs[0]
+        self.folder, self.spec = folder, inputs[0]
         if self.spec.dtype.kind != "f":
             raise DataError(f"{folder}: images feed a float input; model input "
                             f"{self.spec.name!r} takes {self.spec.dtype}")
@@ -164,6 +165,10 @@ class _ImageFolder:
 
     def batches(self, batch_size: int, count: int,
                 keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+        # the decoded images of a batch, then the batch they are stacked into
+        check_size(2 * min(batch_size, count) * load_image(self.files[0], self.plan).nbytes,
+                   f"{self.folder}: a batch of {batch_size} images", DataError,
+                   "use a smaller batch size")
         for start in range(0, count, batch_size):
             files = self.files[start:min(start + batch_size, count)]
             batch = {self.spec.name: np.stack([load_image(f, self.plan) for f in files])
@@ -282,10 +287,9 @@ class SampleData:
         wanted = [*dtypes, *keys]
         for part in self.parts:
             for member in (part[key] for key in wanted):
-                size = min(batch_size, member.rows, remaining) * member.row_bytes
-                if size > MAX_BATCH_BYTES:
-                    raise DataError(f"{member.where}: a batch of {batch_size} samples would take "
-                                    f"{size} bytes, more than 2 GiB; use a smaller batch size")
+                check_size(min(batch_size, member.rows, remaining) * member.row_bytes,
+                           f"{member.where}: a batch of {batch_size} samples", DataError,
+                           "use a smaller batch size")
         seen = 0
         for part in self.parts:
             rows = next(iter(part.values())).rows

@@ -7,6 +7,7 @@ so everything that reads parameters goes through `constant_values`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -15,6 +16,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from bnq.errors import ModelError, one_line
+from bnq.limits import check_size
 
 MIN_OPSET = 7
 
@@ -44,6 +46,8 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             values[node.output[0]] = values[node.input[0]].astype(types[node.input[1]])
         elif (node.op_type in FOLDABLE_OPS and node.input
               and all(name in values for name in node.input if name)):
+            check_size(_folded_bytes(node, values), f"node {node_label(node)}: its constant "
+                       "output", ModelError)
             try:
                 results = _evaluate(node, values, default_opset(model))
             except Exception as error:  # the reference evaluator raises whatever numpy raises
@@ -57,6 +61,37 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 # Shape arithmetic that exporters emit around parameters; evaluated when all inputs are known.
 FOLDABLE_OPS = {"Shape", "Cast", "CastLike", "Expand", "Slice", "Gather", "Concat", "Reshape",
                 "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div", "Sqrt", "ConstantOfShape"}
+
+
+_BROADCASTING = ("Add", "Sub", "Mul", "Div")
+
+
+def _folded_bytes(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> int:
+    """An upper bound of the bytes of the outputs of `node` (a FOLDABLE_OPS node whose inputs are
+    `values`), from shapes and dtypes alone: ConstantOfShape and Expand make tensors of any size
+    from a few bytes, broadcasting and Gather more than their inputs; the other ops at most as
+    many elements as their inputs hold (Cast at most 8 bytes each)."""
+    inputs = [values[name] for name in node.input if name]
+    itemsize = 8 if node.op_type in ("Cast", "CastLike") else max(a.itemsize for a in inputs)
+    try:
+        if node.op_type == "ConstantOfShape":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            itemsize = 4 if value is None else np.dtype(
+                onnx.helper.tensor_dtype_to_np_dtype(value.data_type)).itemsize
+            shape = tuple(int(d) for d in inputs[0].ravel())
+        elif node.op_type in ("Expand", *_BROADCASTING):
+            shapes = [inputs[0].shape, tuple(int(d) for d in inputs[1].ravel())] \
+                if node.op_type == "Expand" else [array.shape for array in inputs]
+            shape = np.broadcast_shapes(*shapes)
+        elif node.op_type == "Gather":
+            data, indices = inputs
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % max(data.ndim, 1)
+            shape = data.shape[:axis] + indices.shape + data.shape[axis + 1:]
+        else:
+            shape = (sum(array.size for array in inputs),)
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError):
+        return 0  # shapes or types that do not fit: evaluating the node says so
+    return itemsize * math.prod(max(d, 0) for d in shape)
 
 
 def _evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
@@ -165,6 +200,42 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None)
         for name in wanted)
     return probe
+
+
+def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every tensor whose shape onnx's shape inference can tell once the graph
+    inputs have `input_shapes`; empty when inference fails (running the model says why). Large
+    initializers go in as shapes only: inference needs the values of shape tensors, not of
+    weights."""
+    sketch = onnx.ModelProto()
+    sketch.CopyFrom(model)
+    for tensor in sketch.graph.initializer:
+        if math.prod(tensor.dims) > 4096:
+            dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
+            tensor.Clear()
+            tensor.dims.extend(dims)
+            tensor.data_type, tensor.name = data_type, name
+    for value in sketch.graph.input:
+        if value.name in input_shapes:
+            shape = value.type.tensor_type.shape
+            del shape.dim[:]
+            for size in input_shapes[value.name]:
+                shape.dim.add().dim_value = size
+    del sketch.graph.value_info[:]
+    del sketch.graph.output[:]  # all in value_info then; a graph input as output stops inference
+    try:
+        inferred = onnx.shape_inference.infer_shapes(sketch, data_prop=True).graph
+    except Exception:  # InferenceError, ValueError, protobuf errors...: no estimate
+        return {}
+    shapes = {}
+    for value in [*inferred.input, *inferred.value_info]:
+        tensor_type = value.type.tensor_type
+        dtype = numpy_dtype(tensor_type.elem_type)
+        if (dtype is not None and tensor_type.HasField("shape")
+                and all(dim.HasField("dim_value") for dim in tensor_type.shape.dim)):
+            shapes[value.name] = (tuple(dim.dim_value for dim in tensor_type.shape.dim), dtype)
+    return shapes
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -49,6 +49,7 @@ from onnx import helper, numpy_helper
 from bnq import ops
 from bnq.errors import BnqError, ModelError, one_line
 from bnq.graph import MIN_OPSET, default_opset, node_label, numpy_dtype, tensor_array
+from bnq.limits import check_size
 
 GRAPH_KEY = "__graph__"
 NPZ_FORMAT = "bnq.npz"
@@ -67,6 +68,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if opset < MIN_OPSET:
         raise ModelError(f"{path}: opset {opset} is older than {MIN_OPSET}, the oldest bnq reads; "
                          "upgrade it with onnx.version_converter")
+    if opset > onnx.defs.onnx_opset_version():
+        raise ModelError(f"{path}: opset {opset} is newer than {onnx.defs.onnx_opset_version()}, "
+                         f"the newest that onnx {onnx.__version__} knows; no runtime runs it")
     # The full check (with shape inference) blames a broken input here, naming the file, rather
     # than as a failure of the model bnq writes from it. Above 2 GiB the checker wants the path.
     large = model.ByteSize() >= MAX_TENSOR_BYTES and path.suffix.lower() == ".onnx"
@@ -217,6 +221,7 @@ def _model_suffix(path: Path) -> str:
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:
+    check_size(path.stat().st_size, f"{path}: the model file (read whole)", ModelError)
     try:
         model = onnx.load(str(path))
     except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError,
@@ -340,8 +345,13 @@ def _read_npz(path: Path) -> onnx.ModelProto:
         raise ModelError(f"{path}: not a .npz file (not a zip archive)")
     try:
         with zipfile.ZipFile(path) as archive:
+            # each member holds no more than its size in the directory (checked as it is read)
+            check_size(sum(info.file_size for info in archive.infolist()),
+                       f"{path}: the arrays of the model", ModelError)
             arrays = {info.filename.removesuffix(".npy"): _read_member(path, archive, info)
                       for info in archive.infolist()}
+    except BnqError:
+        raise
     except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as error:
         raise ModelError(f"{path}: not a readable .npz file ({one_line(error)})") from error
     return from_npz_arrays(arrays, source=str(path))

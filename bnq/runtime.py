@@ -4,12 +4,18 @@
   place of the function bodies of bnq's ops (`new_ops`).
 * `onnxruntime` runs an InferenceSession on the CPU provider; bnq's ops run through their bodies.
 
-Both return the outputs as a list of arrays, in the order of the graph outputs.
+Both return the outputs as a list of arrays, in the order of the graph outputs. A runner feeds a
+model whose inputs have a fixed batch dimension (batch 1, the default of many exports) in chunks
+of that many samples, and checks before the first run of each batch shape, by shape inference,
+that no tensor of the run exceeds bnq's memory limit (`bnq.limits`). onnxruntime's errors become
+one-line `ModelError`s that keep its words (which name the node).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -19,8 +25,10 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bnq import ops
-from bnq.errors import ArgumentError, DataError
+from bnq.errors import ArgumentError, DataError, ModelError, one_line
+from bnq.graph import concrete_shapes, constant_values, node_label, producers
 from bnq.io import load_model
+from bnq.limits import check_size
 from bnq.qops import QLinearBatchNormRelu
 
 Runner = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
@@ -43,6 +51,16 @@ def numpy_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
     return lambda feeds: list(evaluator.run(None, dict(feeds)))
 
 
+# onnxruntime raises its own exception classes (Fail, InvalidArgument, ...), all plain Exceptions.
+_ORT_ERRORS = tuple(value for value in vars(ort.capi.onnxruntime_pybind11_state).values()
+                    if isinstance(value, type) and issubclass(value, Exception))
+
+
+def _ort_error(doing: str, error: Exception) -> ModelError:
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", one_line(error, 400))
+    return ModelError(f"onnxruntime cannot {doing}: {text}")
+
+
 def ort_session(model: onnx.ModelProto, threads: int | None = None, *,
                 spin: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session with `threads` intra-op threads (None: all). onnxruntime's
@@ -51,17 +69,29 @@ def ort_session(model: onnx.ModelProto, threads: int | None = None, *,
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
+    options.log_severity_level = 4  # fatal only: bnq reports the errors itself, in one line
     if not spin:  # idle workers sleep: they would take the cores of whatever runs next
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as error:
+        raise _ort_error("load the model", error) from error
 
 
-def onnxruntime_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
-    """Run `model` in an onnxruntime CPU session with `threads` intra-op threads (None: all)."""
+def onnxruntime_runner(model: onnx.ModelProto, threads: int | None = None,
+                       names: list[str] | None = None) -> Runner:
+    """Run `model` in an onnxruntime CPU session with `threads` intra-op threads (None: all);
+    the outputs `names` (None: all)."""
     session = ort_session(model, threads)
-    return lambda feeds: session.run(None, dict(feeds))
+
+    def run(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return session.run(names, dict(feeds))
+        except _ORT_ERRORS as error:
+            raise _ort_error("run the model", error) from error
+
+    return run
 
 
 BACKENDS: dict[str, Callable[[onnx.ModelProto, int | None], Runner]] = {
@@ -77,7 +107,7 @@ def make_runner(model: onnx.ModelProto | str | os.PathLike, backend: str = "nump
         raise ArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
-    run = BACKENDS[backend](model, threads)
+    run = batched(model, BACKENDS[backend](model, threads))
     inputs = {value.name: value for value in model.graph.input}
     initializers = {tensor.name for tensor in model.graph.initializer}
     required = [name for name in inputs if name not in initializers]
@@ -93,6 +123,74 @@ def make_runner(model: onnx.ModelProto | str | os.PathLike, backend: str = "nump
         return [np.asarray(output) for output in run(feeds)]
 
     return checked
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every data input of `model` fixes in its first dimension, if they all do."""
+    known = set(constant_values(model)) | {tensor.name for tensor in model.graph.initializer}
+    sizes = set()
+    for value in model.graph.input:
+        if value.name not in known:
+            dims = value.type.tensor_type.shape.dim
+            sizes.add(dims[0].dim_value if dims and dims[0].HasField("dim_value") else None)
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def batched(model: onnx.ModelProto, run: Runner) -> Runner:
+    """`run`, fed the batches `model` accepts: with a fixed batch dimension B, a batch of N
+    samples runs as N / B chunks of B, outputs concatenated along the batch axis. Before the
+    first run of each batch shape, `check_memory`."""
+    fixed = fixed_batch(model)
+    checked: set[tuple] = set()
+
+    def run_batch(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        size = len(next(iter(feeds.values()))) if feeds else 0
+        chunk = fixed if fixed and size != fixed else size
+        shapes = {name: (chunk, *np.shape(array)[1:]) for name, array in feeds.items()}
+        if tuple(shapes.items()) not in checked:
+            check_memory(model, shapes)
+            checked.add(tuple(shapes.items()))
+        if chunk == size:
+            return run(feeds)
+        if size % chunk:
+            raise DataError(f"the model takes batches of exactly {fixed} samples (its inputs fix "
+                            f"the batch dimension), and {size} samples do not split into them; "
+                            f"use a number of samples that is a multiple of {fixed}")
+        parts = [run({name: array[start:start + chunk] for name, array in feeds.items()})
+                 for start in range(0, size, chunk)]
+        return [np.concatenate(outputs) for outputs in zip(*parts)]
+
+    return run_batch
+
+
+def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse to run `model` on inputs of `input_shapes` when shape inference shows a tensor, or
+    the work buffer of a convolution, larger than bnq's memory limit (a Conv with huge pads, a
+    batch too large for the model). A convolution's buffer (onnxruntime's im2col) holds, per
+    sample, its input channels per group x kernel elements x output positions."""
+    shapes = concrete_shapes(model, input_shapes)
+    if not shapes:
+        return
+    writers = producers(model.graph)
+
+    def tensor(name: str) -> str:
+        node = writers.get(name)
+        return f"tensor {name!r}" + (f" (output of {node.op_type} {node_label(node)})"
+                                     if node is not None else "")
+
+    needs = [(math.prod(shape) * dtype.itemsize, f"{tensor(name)}, {dtype} of shape {list(shape)},")
+             for name, (shape, dtype) in shapes.items()]
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type in ("Conv", "ConvTranspose") else None
+        if weight and node.output[0] in shapes:
+            shape, dtype = shapes[node.output[0]]
+            needs.append((math.prod(shape[2:]) * math.prod(weight[1:]) * dtype.itemsize,
+                          f"{node.op_type} {node_label(node)}: its work buffer for "
+                          f"{list(shape[2:])} output positions of a {list(weight)} kernel"))
+    size, what = max(needs)
+    batch = next(iter(input_shapes.values()))[0] if input_shapes else 0
+    check_size(size, what, ModelError, "use a smaller batch size" if batch > 1 else "")
 
 
 def run_model(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray],

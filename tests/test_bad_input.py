@@ -1037,3 +1037,180 @@ def test_messages_blame_the_model_not_the_data(work, case):
     line = assert_fails_cleanly(work, ["calibrate", work / "model.onnx", "-d", work / "good.npy",
                                        "-o", work / "q.onnx"], names)
     assert "calibration data" not in line and "seen no data" not in line
+
+
+# ---------------------------------------------------------------------------------------------
+# memory bombs: sizes estimated from shapes and dtypes, refused past BNQ_MAX_BYTES, unallocated
+
+def constant_of_shape_model(shape) -> onnx.ModelProto:
+    """A few hundred bytes that ask for a tensor of `shape` float32 while constants fold."""
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="cos",
+                              value=numpy_helper.from_array(np.zeros(1, np.float32))),
+             helper.make_node("Add", ["x", "big"], ["y"], name="add")]
+    graph = helper.make_graph(
+        nodes, "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [shape[0], 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        [numpy_helper.from_array(np.array(shape, np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def padded_model(pads: int) -> onnx.ModelProto:
+    model = small_model()
+    model.graph.node[0].attribute[0].ints[:] = [pads] * 4
+    return model
+
+
+def test_a_constant_of_shape_bomb_is_refused_unallocated(work):
+    onnx.save(constant_of_shape_model((3, 1 << 29)), work / "bomb.onnx")  # 6 GiB of zeros
+    assert (work / "bomb.onnx").stat().st_size < 400
+    np.save(work / "x.npy", np.zeros((3, 1), np.float32))
+    for args in (["fuse", work / "bomb.onnx", "-o", work / "f.onnx"],
+                 ["calibrate", work / "bomb.onnx", "-d", work / "x.npy", "-o", work / "q.onnx"]):
+        line = assert_fails_cleanly(work, args, ("node cos", "6.0 GiB", "BNQ_MAX_BYTES"),
+                                    isolated=True)
+        assert "limit of 2.0 GiB" in line
+
+
+@pytest.mark.parametrize("batch, names", [("32", ("tensor 'r'", "[20, 2, 10002, 10002]",
+                                                  "smaller batch size")),
+                                          ("1", ("Conv conv", "work buffer", "3.4 GiB"))])
+def test_huge_pads_are_refused_before_running(work, batch, names):
+    """A Conv whose pads of 5000 make 10002 x 10002 outputs of a 4 x 4 input: its output at
+    batch 20 (15 GiB), or at batch 1 onnxruntime's im2col buffer (3.4 GiB)."""
+    onnx.save(padded_model(5000), work / "pads.onnx")
+    for args in (["calibrate", work / "pads.onnx", "-d", work / "good.npy", "-o",
+                  work / "q.onnx", "--batch-size", batch],
+                 ["evaluate", work / "quantized.onnx", "-r", work / "pads.onnx", "-d",
+                  work / "good.npy", "--batch-size", batch]):
+        assert_fails_cleanly(work, args, names, isolated=True)
+
+
+def test_the_limit_can_be_raised_and_lowered(work, monkeypatch):
+    onnx.save(constant_of_shape_model((3, 1 << 18)), work / "c.onnx")  # 3 MiB: fine
+    assert_works(["fuse", work / "c.onnx", "-o", work / "f.onnx"])
+    monkeypatch.setenv("BNQ_MAX_BYTES", "1M")
+    assert_fails_cleanly(work, ["fuse", work / "c.onnx", "-o", work / "g.onnx"],
+                         ("node cos", "limit of 1.0 MiB", "BNQ_MAX_BYTES=1G"))
+    monkeypatch.setenv("BNQ_MAX_BYTES", "4M")
+    assert_works(["fuse", work / "c.onnx", "-o", work / "g.onnx"])
+    monkeypatch.setenv("BNQ_MAX_BYTES", "lots")
+    assert_fails_cleanly(work, ["fuse", work / "c.onnx", "-o", work / "h.onnx"],
+                         ("BNQ_MAX_BYTES='lots'",))
+
+
+def test_model_files_and_npz_arrays_are_sized_before_reading(work, monkeypatch):
+    """Both under the limit of their bytes: the .onnx file (read whole), and the total of the
+    arrays of an .npz model (each member is also checked against its own header)."""
+    monkeypatch.setenv("BNQ_MAX_BYTES", "50K")
+    line = assert_fails_cleanly(work, ["fuse", SAMPLE_ONNX, "-o", work / "f.onnx"],
+                                ("digits_cnn.onnx", "the model file"))
+    assert "limit of 50.0 KiB" in line
+    line = assert_fails_cleanly(work, ["fuse", SAMPLE_NPZ, "-o", work / "f.onnx"],
+                                ("digits_cnn.npz", "the arrays of the model"))
+    assert "limit of 50.0 KiB" in line
+
+
+@pytest.mark.parametrize("args, names, code", [
+    (["--kernel", "--shape", "64,64,560,560"], ("[64, 64, 560, 560]", "19.1 GiB"), 1),
+    (["{model}", "--batch-size", "100000000"], ("'x'", "--batch-size", "11.9 GiB"), 1),
+    (["{model}", "--threads", "4000"], ("--threads",), 2)])
+def test_bench_refuses_what_would_exhaust_the_machine(work, args, names, code):
+    args = [a.format(model=work / "good.onnx") for a in args]
+    assert_fails_cleanly(work, ["bench", *args], names, code=code, isolated=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed input shapes and onnxruntime's errors
+
+def fixed_batch_model(size: int) -> onnx.ModelProto:
+    model = small_model()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = size
+    return model
+
+
+def test_a_model_with_a_fixed_batch_of_1_just_works(work):
+    onnx.save(fixed_batch_model(1), work / "b1.onnx")
+    report = json.loads(assert_works(["calibrate", work / "b1.onnx", "-d", work / "good.npy",
+                                      "-o", work / "q1.onnx", "--json"]).stdout)
+    assert report["samples"] == 20
+    for backend in ("onnxruntime", "numpy"):
+        report = json.loads(assert_works(["evaluate", work / "q1.onnx", "-r", work / "b1.onnx",
+                                          "-d", work / "good.npy", "--backend", backend,
+                                          "--json"]).stdout)
+        assert report["samples"] == 20
+    assert_works(["bench", work / "b1.onnx", work / "q1.onnx", "--batch-size", "4", "--repeats",
+                  "2", "--warmup", "0", "--threads", "1"])
+
+
+def test_other_fixed_batches_run_in_chunks_when_the_samples_split(work):
+    onnx.save(fixed_batch_model(4), work / "b4.onnx")
+    report = json.loads(assert_works(["calibrate", work / "b4.onnx", "-d", work / "good.npy",
+                                      "-o", work / "q4.onnx", "--json"]).stdout)
+    assert report["samples"] == 20
+    np.save(work / "odd.npy", samples(18))
+    line = assert_fails_cleanly(work, ["calibrate", work / "b4.onnx", "-d", work / "odd.npy",
+                                       "-o", work / "q.onnx"], ("exactly 4 samples",))
+    assert "multiple of 4" in line
+
+
+def _unknown_op(path: Path) -> None:
+    model = small_model()
+    model.graph.node[1].domain, model.graph.node[1].op_type = "foo", "Bar"
+    model.opset_import.append(helper.make_opsetid("foo", 1))
+    onnx.save(model, path)
+
+
+def _float_type(dtype, elem_type):
+    def write(path: Path) -> None:
+        model = small_model()
+        for tensor in model.graph.initializer:
+            tensor.CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(tensor).astype(dtype), tensor.name))
+        for value in (model.graph.input[0], model.graph.output[0]):
+            value.type.tensor_type.elem_type = elem_type
+        onnx.save(model, path)
+    return write
+
+
+def _no_padding(path: Path) -> None:
+    model = small_model(dynamic=True)
+    model.graph.node[0].attribute[0].ints[:] = [0, 0, 0, 0]
+    onnx.save(model, path)
+
+
+RUNTIME = {
+    "unknown-op": (_unknown_op, "good.npy", ("onnxruntime cannot load the model", "foo:Bar")),
+    "opset-99": (lambda p: onnx.save(small_model(opset=99), p), "good.npy",
+                 ("model.onnx", "opset 99")),
+    "float64": (_float_type(np.float64, TensorProto.DOUBLE), "good.npy",
+                ("'x'", "float64", "float32")),
+    "float16": (_float_type(np.float16, TensorProto.FLOAT16), "half.npy",
+                ("'x'", "float16", "float32")),
+    "samples-smaller-than-the-kernel": (_no_padding, "tiny.npy",
+                                        ("onnxruntime cannot run the model", "Conv")),
+    "already-quantized": (lambda p: p.write_bytes((p.parent / "quantized.onnx").read_bytes()),
+                          "good.npy", ("quantized already", "QuantizeLinear")),
+}
+
+
+@pytest.mark.parametrize("case", RUNTIME)
+def test_models_onnxruntime_cannot_run_fail_in_one_line(work, case):
+    write, data, names = RUNTIME[case]
+    np.save(work / "half.npy", samples(5, dtype=np.float16))
+    np.save(work / "tiny.npy", samples(5, shape=(1, 2, 2)))
+    write(work / "model.onnx")
+    assert_fails_cleanly(work, ["calibrate", work / "model.onnx", "-d", work / data, "-o",
+                                work / "q.onnx"], names)
+
+
+def test_a_batch_of_images_is_sized_before_decoding(work, monkeypatch):
+    pytest.importorskip("PIL")
+    monkeypatch.setenv("BNQ_MAX_BYTES", "3K")  # 32 images of 4 x 4 float32, twice: 4 KiB
+    assert (work / "good.onnx").stat().st_size < 3 << 10
+    line = assert_fails_cleanly(work, ["calibrate", work / "good.onnx", "-d",
+                                       ROOT / "samples" / "digits" / "calib", "-o",
+                                       work / "q.onnx"], ("calib", "batch of 32 images"))
+    assert "smaller batch size" in line
