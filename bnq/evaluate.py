@@ -152,20 +152,17 @@ class _Layer:
         self.range = quantized.calibrated_range()
         margin = 0.25 * (self.range[1] - self.range[0]) or 1.0
         self.errors = ErrorSums()
-        self.histogram = Histogram(self.range[0] - margin, self.range[1] + margin)
-        self.clipped = 0
+        self.histogram = Histogram(self.range[0] - margin, self.range[1] + margin, *self.range)
         self.lsb: int | None = None
 
     def update(self, reference: np.ndarray, codes: np.ndarray) -> None:
         self.errors.update(reference, self.quantized.dequantize(codes))
         self.histogram.update(reference)
-        self.clipped += int(np.count_nonzero((reference < self.range[0])
-                                             | (reference > self.range[1])))
 
     def result(self) -> LayerMetrics:
         return LayerMetrics(
             self.quantized.tensor, self.quantized.op, self.errors.sqnr_db(), self.errors.mean_abs_error(),
-            self.range, self.clipped / max(self.errors.count, 1),
+            self.range, self.histogram.outside / max(self.errors.count, 1),
             tuple(int(c) for c in self.histogram.counts),
             (self.histogram.start, self.histogram.stop), self.position, self.lsb)
 

@@ -16,7 +16,9 @@ For classification outputs (N x K scores):
 
 The sums use `np.einsum` and elementwise reductions, never `@`/`np.dot`: those go through BLAS,
 whose threads made `bnq evaluate` 3-4 times slower on a busy 2-core machine (small float64
-products through threaded OpenBLAS), for sums that need no BLAS.
+products through threaded OpenBLAS), for sums that need no BLAS. Tensors are walked in chunks
+of CHUNK elements converted to float64 there: on a 6 M-element tensor that was 20 times faster
+than converting it whole (0.075 against 1.6 s, AMD EPYC, 2 cores), as the chunks stay in cache.
 """
 
 from __future__ import annotations
@@ -27,10 +29,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 HISTOGRAM_BINS = 64
+CHUNK = 1 << 16
 
 
 def _sum_of_products(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.einsum("i,i->", a, b))
+
+
+def _chunks(*arrays: np.ndarray):
+    """Aligned float64 slices of CHUNK elements of the flattened `arrays`."""
+    flat = [np.asarray(array).reshape(-1) for array in arrays]
+    for start in range(0, flat[0].size, CHUNK):
+        yield [part[start:start + CHUNK].astype(np.float64) for part in flat]
 
 
 @dataclass
@@ -50,10 +60,10 @@ class ErrorSums:
     union: int = 0             # y > 0.5 or y_q > 0.5
 
     def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
-        reference = np.asarray(reference, dtype=np.float64).ravel()
-        actual = np.asarray(actual, dtype=np.float64).ravel()
-        if reference.size == 0:
-            return
+        for reference_part, actual_part in _chunks(reference, actual):
+            self._add(reference_part, actual_part)
+
+    def _add(self, reference: np.ndarray, actual: np.ndarray) -> None:
         error = reference - actual
         self.signal += _sum_of_products(reference, reference)
         self.noise += _sum_of_products(error, error)
@@ -151,24 +161,34 @@ class ClassAgreement:
 @dataclass
 class Histogram:
     """Counts of values in HISTOGRAM_BINS equal bins over the fixed interval [start, stop) (fixed
-    in advance, so histograms of different batches add up), plus the values below and above it."""
+    in advance, so histograms of different batches add up), the values below and above it, and
+    `outside`: the values outside a marked interval [low, high] (a calibrated range)."""
 
     start: float
     stop: float
+    low: float = -math.inf
+    high: float = math.inf
     counts: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, np.int64))
     below: int = 0
     above: int = 0
+    outside: int = 0
 
     def update(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float64).ravel()
-        position = np.floor((values - self.start) * (len(self.counts) / (self.stop - self.start)))
-        inside = (position >= 0) & (position < len(self.counts))
-        self.below += int(np.count_nonzero(position < 0))
-        self.above += int(np.count_nonzero(position >= len(self.counts)))
-        self.counts += np.bincount(position[inside].astype(np.int64),
-                                   minlength=len(self.counts))
+        bins = len(self.counts)
+        step = bins / (self.stop - self.start)
+        for (part,) in _chunks(values):
+            self.outside += int(np.count_nonzero((part < self.low) | (part > self.high)))
+            part -= self.start
+            part *= step
+            np.floor(part, out=part)
+            np.clip(part, -1, bins, out=part)  # -1: below, bins: above
+            counts = np.bincount(part.astype(np.int64) + 1, minlength=bins + 2)
+            self.below += int(counts[0])
+            self.above += int(counts[-1])
+            self.counts += counts[1:-1]
 
     def merge(self, other: Histogram) -> None:
         self.counts += other.counts
         self.below += other.below
         self.above += other.above
+        self.outside += other.outside
