@@ -16,13 +16,15 @@ The quantized model has three kinds of quantized tensors:
   ranges stay apart, which is where a per-tensor scale loses most: NOTES.md section 6); any other
   input that is not quantized already gets a per-channel QuantizeLinear with its own observer.
 
-The observers see one batch at a time (`bnq.observers`): memory does not grow with the number of
-samples.
+The observers see one micro-batch at a time and merge exactly (`bnq.observers`), so
+`bnq.execution` can run the model in bounded memory, in worker processes or on a cluster and the
+quantized model is the same, byte for byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ from onnx import helper, numpy_helper, version_converter
 from bnq import ops
 from bnq.data import SampleData, model_inputs
 from bnq.errors import ArgumentError, DataError, ModelError
+from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
 from bnq.fusion import FuseReport, fuse
 from bnq.graph import (
     NameScope,
@@ -44,14 +47,12 @@ from bnq.graph import (
     op_counts,
     output_names,
     producers,
-    with_outputs,
 )
 from bnq.machine import IntegerFormats
-from bnq.observers import make_observer
+from bnq.observers import Observer, make_observer
 from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
 from bnq.rewrites import fold_average_pool
 from bnq.quantization import QuantParams, quantize, weight_qparams
-from bnq.runtime import batched, onnxruntime_runner
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -89,6 +90,7 @@ class CalibrationReport:
     ops_after: dict[str, int]
     body: str  # the QLinearBatchNormRelu body onnxruntime runs: "integer", "float", "double", "table"
     folded_pools: tuple[str, ...]  # AveragePool nodes folded into the 1x1 Conv before them
+    plan: ExecutionPlan  # how the observation was split (the result does not depend on it)
 
 
 @dataclass
@@ -106,9 +108,13 @@ class _Plan:
 
 def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerFormats,
               method: str = "minmax", method_options: dict | None = None, batch_size: int = 32,
-              num_samples: int | None = None,
-              progress: Callable[[int], None] | None = None) -> tuple[onnx.ModelProto, CalibrationReport]:
-    """Quantize `model` with ranges observed on `data`; `progress(n)` is told of each batch."""
+              num_samples: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
+              workers: int = 1, scheduler: str | None = None,
+              progress: Callable[[float], None] | None = None
+              ) -> tuple[onnx.ModelProto, CalibrationReport]:
+    """Quantize `model` with ranges observed on `data`; `progress(n)` is told of the samples
+    done. `memory_limit` (bytes of activations per process), `workers` (local processes) and
+    `scheduler` (a Dask scheduler's address) split the work (`bnq.execution`), never the result."""
     if batch_size < 1:
         raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
     if num_samples is not None and num_samples < 1:
@@ -123,12 +129,22 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     fused, folded_pools = fold_average_pool(fused)
     plan = _plan(fused)
     activation = np.dtype(formats.activation)
-    observers = {name: make_observer(method, **(method_options or {}))
-                 for name in plan.activations + [node.output[0] for node in plan.batch_norms]}
-    observers |= {name: make_observer(method, per_channel=True, **(method_options or {}))
-                  for name in plan.bn_inputs}
-    samples, batches = _observe(fused, data, observers, batch_size, num_samples, progress)
-    qparams = {name: observer.qparams(activation) for name, observer in observers.items()}
+    per_channel = {name: False for name in plan.activations} | {
+        node.output[0]: False for node in plan.batch_norms} | {name: True for name in plan.bn_inputs}
+    writers = producers(fused.graph)
+    where = {name: f"tensor {name!r}" + (f" (output of {writers[name].op_type} "
+                                         f"{node_label(writers[name])})" if name in writers else "")
+             for name in per_channel}
+    make_observers = functools.partial(_Observation, per_channel, where, method,
+                                       method_options or {})
+    make_observers()  # bad options fail here, before any work
+    job = Job((fused,), ("onnxruntime",), tuple(((name,),) for name in per_channel),
+              make_observers)
+    observed = run(job, data, batch_size=batch_size, num_samples=num_samples,
+                   memory_limit=memory_limit, workers=workers, scheduler=scheduler,
+                   progress=progress)
+    qparams = {name: observer.qparams(activation)
+               for name, observer in observed.accumulator.observers.items()}
     for alias, source in plan.aliases.items():
         qparams[alias] = qparams[source]
     quantized, weights = _rewrite(fused, plan, qparams, formats)
@@ -138,8 +154,9 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     tensors += [_describe(node.output[0], "bn output", method, qparams[node.output[0]])
                 for node in plan.batch_norms]
     tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
-    return quantized, CalibrationReport(samples, batches, method, formats, fusion, tuple(tensors),
-                                        op_counts(quantized), body_for(quantized), folded_pools)
+    return quantized, CalibrationReport(observed.samples, observed.batches, method, formats,
+                                        fusion, tuple(tensors), op_counts(quantized),
+                                        body_for(quantized), folded_pools, observed.plan)
 
 
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearBatchNormRelu", "QLinearConv",
@@ -264,37 +281,34 @@ def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
     return True
 
 
-def _observe(model: onnx.ModelProto, data: SampleData, observers: dict, batch_size: int,
-             num_samples: int | None, progress: Callable[[int], None] | None) -> tuple[int, int]:
-    """Run the float model over the data with every observed tensor as an extra output."""
-    names = list(observers)
-    probe = with_outputs(model, names)
-    run = batched(probe, onnxruntime_runner(probe, names=names))
-    writers = producers(model.graph)
+class _Observation:
+    """The observers of a calibration, one per tensor, fed by `bnq.execution`; `where` names
+    each tensor for the user."""
 
-    def where(name: str) -> str:
-        node = writers.get(name)
-        return f"tensor {name!r}" + (f" (output of {node.op_type} {node_label(node)})"
-                                     if node is not None else "")
+    def __init__(self, per_channel: dict[str, bool], where: dict[str, str], method: str,
+                 options: dict) -> None:
+        self.where = where
+        self.observers: dict[str, Observer] = {
+            name: make_observer(method, per_channel=channels, **options)
+            for name, channels in per_channel.items()}
 
-    samples = batches = 0
-    for batch in data.batches(batch_size, num_samples):
-        count = len(next(iter(batch.values())))
-        for name, value in zip(names, run(batch)):
+    def update(self, batch: dict[str, np.ndarray], fetched: list[dict[str, np.ndarray]],
+               groups: tuple[int, ...]) -> None:
+        for name, value in fetched[0].items():
+            count = len(next(iter(batch.values())))
             if value.size == 0:
-                raise ModelError(f"{where(name)} is empty (shape {list(value.shape)} for "
+                raise ModelError(f"{self.where[name]} is empty (shape {list(value.shape)} for "
                                  f"{count} samples): there is nothing to calibrate; fix the model")
             try:
-                observers[name].update(value)
+                self.observers[name].update(value)
             except DataError as error:  # non-finite values: the samples are finite, checked
-                raise ModelError(f"{where(name)} holds NaN or infinity in samples {samples}.."
-                                 f"{samples + count - 1}, although the samples are finite: the "
-                                 "model's arithmetic overflows there; check the weights that "
-                                 "produce it") from error
-        samples, batches = samples + count, batches + 1
-        if progress is not None:
-            progress(count)
-    return samples, batches
+                raise ModelError(f"{self.where[name]} holds NaN or infinity, although the "
+                                 "samples are finite: the model's arithmetic overflows there; "
+                                 "check the weights that produce it") from error
+
+    def merge(self, other: _Observation) -> None:
+        for name, observer in other.observers.items():
+            self.observers[name].merge(observer)
 
 
 class _Builder:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the heavy modules (numpy, onnx, onnxruntime) load when a co
     from bnq.bench import KernelBench, ModelBench
     from bnq.calibrate import CalibrationReport
     from bnq.evaluate import EvaluationReport
+    from bnq.execution import ExecutionPlan
     from bnq.fusion import FuseReport
     from bnq.machine import IntegerFormats, Machine
 
@@ -223,6 +224,48 @@ def _open_samples(ctx: click.Context, data: Path, model, image: dict[str, Any],
     return SampleData(data, model_inputs(model), extra_keys=extra_keys, images=preprocessing)
 
 
+class _Bytes(click.ParamType):
+    """A size in bytes: a number with an optional unit, 1000-based (kB, MB, GB) or 1024-based
+    (KiB, MiB, GiB)."""
+
+    name = "size"
+    UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        try:
+            size = int(float(number) * self.UNITS[text[len(number):]])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size such as 512MB, 1GiB or 2000000000", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r}: the size must be positive", param, ctx)
+        return size
+
+
+def _execution_options(function):
+    """--memory-limit, --workers and --scheduler, shared by calibrate and evaluate."""
+    for option in reversed([
+        # "1GiB" is bnq.execution.DEFAULT_MEMORY_LIMIT (tests/test_execution.py checks)
+        click.option("--memory-limit", type=_Bytes(), default="1GiB", show_default=True,
+                     help="Activations each process may hold (512MB, 2GiB, ...): batches are "
+                          "split, or tensors observed in several passes, to stay under it. "
+                          "The results do not depend on it."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Local worker processes, each on its share of the batches with "
+                          "cores/workers onnxruntime threads and its own --memory-limit. "
+                          "The results do not depend on it."),
+        click.option("--scheduler", metavar="ADDRESS", default=None,
+                     help="Run on the Dask cluster of this scheduler (tcp://host:8786; needs "
+                          "bnq[distributed]); every worker reads DATA from the same path."),
+    ]):
+        function = option(function)
+    return function
+
+
 def _report_text(as_json: bool, payload: Callable[[], Any], render: Callable[[], None]) -> str:
     """The report as text, made before an output file is written, so that nothing can fail
     between writing the file and telling the user about it."""
@@ -363,13 +406,15 @@ def _progress(description: str, total: int):
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="7-bit weights, which avoid u8 x s8 saturation on AVX2 CPUs without VNNI "
                    "(default: on for such CPUs).")
+@_execution_options
 @_force_option
 @_json_option
 @click.pass_context
 def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path, method: str,
                       percentile: float, batch_size: int, num_samples: int | None,
                       activation_type: str | None, weight_type: str, reduce_range: bool | None,
-                      force: bool, as_json: bool, **image: Any) -> None:
+                      memory_limit: int, workers: int, scheduler: str | None, force: bool,
+                      as_json: bool, **image: Any) -> None:
     """Quantize MODEL (float, fused or not) with ranges calibrated on DATA.
 
     Conv/Gemm/MatMul get int8 weights per output channel and quantized activations (QDQ, which
@@ -393,7 +438,8 @@ def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path,
     with _progress("calibrating", total) as progress:
         quantized, report = calibrate(
             float_model, samples, formats=formats, method=method, method_options=options,
-            batch_size=batch_size, num_samples=num_samples,
+            batch_size=batch_size, num_samples=num_samples, memory_limit=memory_limit,
+            workers=workers, scheduler=scheduler,
             progress=lambda n: progress.advance(progress.task_ids[0], n))
     text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
                                           **dataclasses.asdict(report)},
@@ -455,7 +501,21 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
                       "per channel" if tensor.zero_point is None else str(tensor.zero_point))
     out.print(table)
     out.print(f"calibrated on {report.samples} samples in {report.batches} batches "
-              f"({report.method}); wrote {output}")
+              f"({report.method}), {_plan_text(report.plan)}; wrote {output}")
+
+
+def _plan_text(plan: ExecutionPlan) -> str:
+    passes = f"{plan.passes} passes" if plan.passes > 1 else "1 pass"
+    return (f"{passes} of micro-batches of {plan.micro_batch} (about "
+            f"{_size(plan.estimated_bytes)} of activations, limit {_size(plan.memory_limit)} "
+            "per process)")
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} B"
 
 
 @cli.command("evaluate", short_help="Compare a quantized model with its float model on data.")
@@ -475,11 +535,13 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
                    "per-layer SQNR, histograms of the worst layers' values with their "
                    "calibrated ranges. Needs bnq[report].")
 @click.option("--force", is_flag=True, help="With --report: overwrite the page if it exists.")
+@_execution_options
 @_json_option
 @click.pass_context
 def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data: Path,
                      batch_size: int, num_samples: int | None, backend: str, labels: str,
-                     report_path: Path | None, force: bool, as_json: bool,
+                     report_path: Path | None, force: bool, memory_limit: int, workers: int,
+                     scheduler: str | None, as_json: bool,
                      **image: Any) -> None:
     """Compare QUANTIZED with its float REFERENCE on DATA: for each output the figures that fit
     it (top-1/top-5 agreement and accuracy for classification scores; SQNR, cosine, errors, and
@@ -510,6 +572,7 @@ def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data:
     with _progress("evaluating", total) as progress:
         report = evaluate(load_model(quantized), float_model, samples, backend=backend,
                           batch_size=batch_size, num_samples=num_samples, labels=labels,
+                          memory_limit=memory_limit, workers=workers, scheduler=scheduler,
                           progress=lambda n: progress.advance(progress.task_ids[0], n))
     text = _report_text(as_json, lambda: dataclasses.asdict(report),
                         lambda: _render_evaluation(report, report_path))
@@ -565,6 +628,8 @@ def _render_evaluation(report: EvaluationReport, report_path: Path | None = None
     out.print(layers)
     if len(report.layers) > LAYERS_SHOWN:
         out.print(f"{len(report.layers) - LAYERS_SHOWN} more in --json and --report")
+    if report.plan is not None:
+        out.print(f"run in {_plan_text(report.plan)}")
     if report_path is not None:
         out.print(f"wrote {report_path}")
 

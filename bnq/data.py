@@ -119,11 +119,11 @@ class _Member:
         """The bytes of one sample."""
         return math.prod(self.shape[1:]) * self.dtype.itemsize
 
-    def blocks(self, sizes: Iterator[int]) -> Iterator[np.ndarray]:
-        """Consecutive row blocks of the given sizes."""
+    def blocks(self, sizes: Iterator[int], skip: int = 0) -> Iterator[np.ndarray]:
+        """Consecutive row blocks of the given sizes, from row `skip` on."""
         row_bytes = self.row_bytes
         with self._open() as handle:
-            handle.seek(self.offset)
+            handle.seek(self.offset + skip * row_bytes)
             for size in sizes:
                 try:
                     data = handle.read(size * row_bytes)
@@ -163,14 +163,14 @@ class _ImageFolder:
         check_image(self.files[0])  # Pillow is installed and the first file is an image
         self.label_keys = extra_keys if self.labels is not None else ()
 
-    def batches(self, batch_size: int, count: int,
-                keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int, count: int, keys: tuple[str, ...],
+                first: int = 0) -> Iterator[dict[str, np.ndarray]]:
         # the decoded images of a batch, then the batch they are stacked into
         check_size(2 * min(batch_size, count) * load_image(self.files[0], self.plan).nbytes,
                    f"{self.folder}: a batch of {batch_size} images", DataError,
                    "use a smaller batch size")
-        for start in range(0, count, batch_size):
-            files = self.files[start:min(start + batch_size, count)]
+        for start in range(first, first + count, batch_size):
+            files = self.files[start:min(start + batch_size, first + count)]
             batch = {self.spec.name: np.stack([load_image(f, self.plan) for f in files])
                      .astype(self.spec.dtype, copy=False)}
             for key in keys:
@@ -201,6 +201,25 @@ class SampleData:
         self.num_samples = sum(next(iter(part.values())).rows for part in self.parts)
         if self.num_samples == 0:
             raise DataError(f"{self.path}: holds no samples")
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one sample of each model input (the batch axis left out)."""
+        if self.images is not None:
+            return {self.images.spec.name: self.images.plan.sample_shape}
+        return {spec.name: self.parts[0][spec.name].shape[1:] for spec in self.inputs}
+
+    def batch_bounds(self, batch_size: int,
+                     num_samples: int | None = None) -> list[tuple[int, int]]:
+        """(first sample, samples) of each batch `batches` yields: a batch ends with its file."""
+        remaining = self.num_samples if num_samples is None else min(num_samples, self.num_samples)
+        bounds, offset = [], 0
+        for rows in ([self.num_samples] if self.images is not None else
+                     [next(iter(part.values())).rows for part in self.parts]):
+            take = min(rows, remaining)
+            bounds += [(offset + start, min(batch_size, take - start))
+                       for start in range(0, take, batch_size)]
+            offset, remaining = offset + rows, remaining - take
+        return bounds
 
     def has(self, key: str) -> bool:
         if self.images is not None:
@@ -276,12 +295,14 @@ class SampleData:
                             f"{member.row_bytes} bytes, more than 1 GiB; refusing")
 
     def batches(self, batch_size: int, num_samples: int | None = None,
-                keys: tuple[str, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
+                keys: tuple[str, ...] = (), first: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Dicts of arrays, `batch_size` samples each (the last may be short), model inputs cast
-        to their dtype and checked for NaN and infinity, plus the `keys` asked for."""
+        to their dtype and checked for NaN and infinity, plus the `keys` asked for; from sample
+        `first` on (a worker's shard), `num_samples` of them at most."""
         remaining = self.num_samples if num_samples is None else min(num_samples, self.num_samples)
+        remaining = min(remaining, self.num_samples - first)
         if self.images is not None:
-            yield from self.images.batches(batch_size, remaining, keys)
+            yield from self.images.batches(batch_size, remaining, keys, first)
             return
         dtypes = {spec.name: spec.dtype for spec in self.inputs}
         wanted = [*dtypes, *keys]
@@ -290,14 +311,18 @@ class SampleData:
                 check_size(min(batch_size, member.rows, remaining) * member.row_bytes,
                            f"{member.where}: a batch of {batch_size} samples", DataError,
                            "use a smaller batch size")
-        seen = 0
+        seen, skip = 0, first
         for part in self.parts:
             rows = next(iter(part.values())).rows
             if seen >= remaining:
                 break
-            take = min(rows, remaining - seen)  # 0 for a file without samples: the next one
-            streams = {key: part[key].blocks(_batch_sizes(take, batch_size)) for key in wanted}
-            for start in range(0, take, batch_size):
+            if skip >= rows:  # before the first sample asked for (or a file without samples)
+                skip -= rows
+                continue
+            take = min(rows - skip, remaining - seen)
+            streams = {key: part[key].blocks(_batch_sizes(take, batch_size), skip)
+                       for key in wanted}
+            for start in range(skip, skip + take, batch_size):
                 batch = {key: next(stream) for key, stream in streams.items()}
                 for name, dtype in dtypes.items():
                     array = batch[name].astype(dtype, copy=False)
@@ -309,6 +334,7 @@ class SampleData:
                     batch[name] = array
                 seen += len(batch[next(iter(dtypes))])
                 yield batch
+            skip = 0
             for stream in streams.values():
                 stream.close()
 

@@ -20,7 +20,9 @@ With both backends, each fused BN-ReLU node is also run by the numpy kernel on t
 codes onnxruntime gave it, and the largest difference between the two output codes is reported
 in quantization steps: the two kernel paths of the operator, compared on real activations.
 
-All figures are accumulated batch by batch in mergeable accumulators (`bnq.metrics`).
+All figures are accumulated batch by batch in accumulators (`bnq.metrics`) whose merges are
+exact, so `bnq.execution` can split the run into micro-batches, passes and workers and the
+report stays the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import onnx
 from bnq import ops
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, DataError
-from bnq.graph import constant_values, producers, with_outputs
+from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
+from bnq.graph import constant_values, producers
 from bnq.kernels import BnReluPlan
 from bnq.metrics import ClassAgreement, ErrorSums, Histogram
 from bnq.qops import node_plan
-from bnq.runtime import BACKENDS, make_runner
+from bnq.runtime import BACKENDS
 
 BACKEND_CHOICES = (*BACKENDS, "both")
 
@@ -84,6 +87,7 @@ class EvaluationReport:
     outputs: tuple[OutputMetrics, ...]
     layers: tuple[LayerMetrics, ...]  # every quantized activation, worst SQNR first
     backend_max_lsb_diff: int | None
+    plan: ExecutionPlan | None = None  # how the run was split (the figures do not depend on it)
 
 
 @dataclass(frozen=True)
@@ -153,18 +157,21 @@ class _Layer:
         margin = 0.25 * (self.range[1] - self.range[0]) or 1.0
         self.errors = ErrorSums()
         self.histogram = Histogram(self.range[0] - margin, self.range[1] + margin, *self.range)
-        self.lsb: int | None = None
 
     def update(self, reference: np.ndarray, codes: np.ndarray) -> None:
         self.errors.update(reference, self.quantized.dequantize(codes))
         self.histogram.update(reference)
 
-    def result(self) -> LayerMetrics:
+    def merge(self, other: _Layer) -> None:
+        self.errors.merge(other.errors)
+        self.histogram.merge(other.histogram)
+
+    def result(self, lsb: int | None) -> LayerMetrics:
         return LayerMetrics(
             self.quantized.tensor, self.quantized.op, self.errors.sqnr_db(), self.errors.mean_abs_error(),
             self.range, self.histogram.outside / max(self.errors.count, 1),
             tuple(int(c) for c in self.histogram.counts),
-            (self.histogram.start, self.histogram.stop), self.position, self.lsb)
+            (self.histogram.start, self.histogram.stop), self.position, lsb)
 
 
 def _is_classification(shape: tuple[int, ...]) -> bool:
@@ -175,80 +182,136 @@ def _is_classification(shape: tuple[int, ...]) -> bool:
 
 def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: SampleData, *,
              backend: str = "onnxruntime", batch_size: int = 32, num_samples: int | None = None,
-             labels: str | None = "labels",
-             progress: Callable[[int], None] | None = None) -> EvaluationReport:
-    """Compare `quantized` with its float `reference` on `data` (see the module docstring)."""
+             labels: str | None = "labels", memory_limit: int = DEFAULT_MEMORY_LIMIT,
+             workers: int = 1, scheduler: str | None = None,
+             progress: Callable[[float], None] | None = None) -> EvaluationReport:
+    """Compare `quantized` with its float `reference` on `data` (see the module docstring).
+    `memory_limit` (bytes of activations per process), `workers` (local processes) and
+    `scheduler` (a Dask scheduler's address) split the work (`bnq.execution`), never the
+    figures."""
     if backend not in BACKEND_CHOICES:
         raise ArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
-    outputs = [value.name for value in reference.graph.output]
-    if [value.name for value in quantized.graph.output] != outputs:
+    outputs = tuple(value.name for value in reference.graph.output)
+    if tuple(value.name for value in quantized.graph.output) != outputs:
         raise ArgumentError("the quantized model's outputs differ from the reference model's "
                             f"({', '.join(outputs)}): is it the quantized version of it?")
     reference_names = set(producers(reference.graph)) | {v.name for v in reference.graph.input}
-    layers = [_Layer(q, position)
-              for position, q in enumerate(quantized_tensors(quantized, reference_names))]
-    fused = _fused_nodes(quantized) if backend == "both" else []
+    tensors = tuple(quantized_tensors(quantized, reference_names))
+    fused = tuple(_fused_nodes(quantized)) if backend == "both" else ()
     inputs = {value.name for value in reference.graph.input}
-    reference_probe = with_outputs(reference, [layer.quantized.tensor for layer in layers
-                                               if layer.quantized.tensor not in inputs])
-    run_reference = _by_name(make_runner(reference_probe, "onnxruntime"), reference_probe)
-    primary = "onnxruntime" if backend == "both" else backend
-    quantized_probe = with_outputs(
-        quantized, [layer.quantized.codes for layer in layers]
-        + [name for node in fused for name in (node.input[0], node.output[0])])
-    run_quantized = _by_name(make_runner(quantized_probe, primary), quantized_probe)
-    kernels = {node.output[0]: kernel
-               for node, kernel in zip(fused, _node_kernels(quantized, fused))}
-    lsb = {codes: 0 for codes in kernels}
     labelled = labels is not None and data.has(labels)
-    output_sums = {name: ErrorSums() for name in outputs}
-    classes: dict[str, ClassAgreement] = {}
-    samples = 0
-    for batch in data.batches(batch_size, num_samples, keys=(labels,) if labelled else ()):
-        truth = batch.pop(labels) if labelled else None
-        expected = {**batch, **run_reference(batch)}
-        actual = run_quantized(batch)
-        for name in outputs:
+    groups = [(outputs, outputs)]
+    groups += [((() if q.tensor in inputs else (q.tensor,)), (q.codes,)) for q in tensors]
+    groups += [((), (node.input[0], node.output[0])) for node in fused]
+    metrics = _MetricsFactory(outputs, tensors, fused, quantized if fused else None,
+                              labels if labelled else None, str(data.path))
+    job = Job((reference, quantized), ("onnxruntime", "onnxruntime" if fused else backend),
+              tuple(groups), metrics, (labels,) if labelled else ())
+    result = run(job, data, batch_size=batch_size, num_samples=num_samples,
+                 memory_limit=memory_limit, workers=workers, scheduler=scheduler,
+                 progress=progress)
+    totals: _Metrics = result.accumulator
+    fused_codes = {node.output[0]: lsb for node, lsb in zip(fused, totals.lsb)}
+    # a fused node's output codes are read by the DequantizeLinear after it
+    layers = [layer.result(fused_codes.get(layer.quantized.codes)) for layer in totals.layers]
+    classes = [totals.classes.get(name) for name in outputs]
+    metrics_out = tuple(_output_metrics(name, sums, agreement)
+                        for name, sums, agreement in zip(outputs, totals.output_sums, classes))
+    first_class = next((c for c in classes if c is not None), None)
+    return EvaluationReport(
+        samples=totals.samples, backend=backend,
+        top1_accuracy=first_class.accuracy(1) if first_class is not None else None,
+        top1_agreement=first_class.agreement(1) if first_class is not None else None,
+        sqnr_db=metrics_out[0].sqnr_db, cosine=metrics_out[0].cosine,
+        max_abs_error=metrics_out[0].max_abs_error, outputs=metrics_out,
+        layers=tuple(sorted(layers, key=lambda m: m.sqnr_db)),
+        backend_max_lsb_diff=max(totals.lsb, default=0) if fused else None, plan=result.plan)
+
+
+class _MetricsFactory:
+    """Makes the `_Metrics` of each unit of work; builds the numpy kernels once per process."""
+
+    def __init__(self, outputs: tuple[str, ...], tensors: tuple[QuantizedTensor, ...],
+                 fused: tuple[onnx.NodeProto, ...], quantized: onnx.ModelProto | None,
+                 labels: str | None, where: str) -> None:
+        self.outputs, self.tensors, self.fused, self.quantized = outputs, tensors, fused, quantized
+        self.labels, self.where = labels, where
+        self._kernels: list[BnReluPlan] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_kernels": None}
+
+    def __call__(self) -> _Metrics:
+        if self.quantized is not None and self._kernels is None:
+            self._kernels = _node_kernels(self.quantized, list(self.fused))
+        return _Metrics(self, self._kernels or [])
+
+
+class _Metrics:
+    """Everything `evaluate` sums, fed by `bnq.execution` with the tensors of the reference
+    (fetched[0]) and of the quantized model (fetched[1]); the outputs come in the first pass."""
+
+    def __init__(self, spec: _MetricsFactory, kernels: list[BnReluPlan]) -> None:
+        self.spec, self.kernels = spec, kernels
+        self.output_sums = [ErrorSums() for _ in spec.outputs]
+        self.classes: dict[str, ClassAgreement] = {}
+        self.layers = [_Layer(q, position) for position, q in enumerate(spec.tensors)]
+        self.lsb = [0] * len(spec.fused)
+        self.samples = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "kernels": []}  # only the sums travel back
+
+    def update(self, batch: dict[str, np.ndarray], fetched: list[dict[str, np.ndarray]],
+               groups: tuple[int, ...]) -> None:
+        """Groups: 0 the outputs, then one per layer, then one per fused node (`evaluate`)."""
+        expected, actual = {**batch, **fetched[0]}, fetched[1]
+        layers = len(self.layers)
+        for group in groups:
+            if group == 0:
+                self._update_outputs(batch, expected, actual)
+            elif group <= layers:
+                layer = self.layers[group - 1]
+                layer.update(expected[layer.quantized.tensor], actual[layer.quantized.codes])
+            else:
+                index = group - 1 - layers
+                node = self.spec.fused[index]
+                diff = np.abs(self.kernels[index](actual[node.input[0]]).astype(np.int32)
+                              - actual[node.output[0]].astype(np.int32))
+                self.lsb[index] = max(self.lsb[index], int(diff.max(initial=0)))
+
+    def _update_outputs(self, batch: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                        actual: dict[str, np.ndarray]) -> None:
+        spec = self.spec
+        for name, sums in zip(spec.outputs, self.output_sums):
             if expected[name].shape != actual[name].shape:
                 raise DataError(f"output {name!r} has shape {list(actual[name].shape)} in the "
                                 f"quantized model but {list(expected[name].shape)} in the "
                                 "reference: is it the quantized version of it?")
-            output_sums[name].update(expected[name], actual[name])
-            if samples == 0 and _is_classification(expected[name].shape):
-                classes[name] = ClassAgreement()
-        for layer in layers:
-            layer.update(expected[layer.quantized.tensor], actual[layer.quantized.codes])
-        for node in fused:
-            diff = np.abs(kernels[node.output[0]](actual[node.input[0]]).astype(np.int32)
-                          - actual[node.output[0]].astype(np.int32))
-            lsb[node.output[0]] = max(lsb[node.output[0]], int(diff.max(initial=0)))
-        for index, (name, agreement) in enumerate(classes.items()):
-            agreement.update(expected[name], actual[name],
-                             _labels(truth, len(expected[name]), data, labels) if index == 0
-                             and truth is not None else None)
-        count = len(expected[outputs[0]])
-        samples += count
-        if progress is not None:
-            progress(count)
-    fused_codes = {node.output[0]: lsb[node.output[0]] for node in fused}
-    for layer in layers:  # a fused node's output codes are read by the DequantizeLinear after it
-        layer.lsb = fused_codes.get(layer.quantized.codes)
-    metrics = tuple(_output_metrics(name, output_sums[name], classes.get(name))
-                    for name in outputs)
-    first_class = next(iter(classes.values()), None)
-    top1 = first_class.accuracy(1) if first_class is not None else None
-    return EvaluationReport(
-        samples=samples, backend=backend, top1_accuracy=top1,
-        top1_agreement=first_class.agreement(1) if first_class is not None else None,
-        sqnr_db=metrics[0].sqnr_db, cosine=metrics[0].cosine,
-        max_abs_error=metrics[0].max_abs_error, outputs=metrics,
-        layers=tuple(sorted((layer.result() for layer in layers), key=lambda m: m.sqnr_db)),
-        backend_max_lsb_diff=max(lsb.values(), default=0) if backend == "both" else None)
+            sums.update(expected[name], actual[name])
+        classified = [name for name in spec.outputs if _is_classification(expected[name].shape)]
+        for index, name in enumerate(classified):
+            truth = batch.get(spec.labels) if index == 0 and spec.labels else None
+            self.classes.setdefault(name, ClassAgreement()).update(
+                expected[name], actual[name],
+                None if truth is None else _labels(truth, len(expected[name]), spec.where,
+                                                   spec.labels))
+        self.samples += len(expected[spec.outputs[0]])
+
+    def merge(self, other: _Metrics) -> None:
+        for mine, theirs in zip(self.output_sums, other.output_sums):
+            mine.merge(theirs)
+        for name, agreement in other.classes.items():
+            self.classes.setdefault(name, ClassAgreement()).merge(agreement)
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.merge(theirs)
+        self.lsb = [max(a, b) for a, b in zip(self.lsb, other.lsb)]
+        self.samples += other.samples
 
 
-def _labels(truth: np.ndarray, count: int, data: SampleData, key: str) -> np.ndarray:
+def _labels(truth: np.ndarray, count: int, where: str, key: str) -> np.ndarray:
     if truth.dtype.kind not in "iu":
-        raise DataError(f"{data.path}: {key!r} holds {truth.dtype} values; labels must be "
+        raise DataError(f"{where}: {key!r} holds {truth.dtype} values; labels must be "
                         "integer class indices")
     truth = truth.reshape(-1)
     if truth.size != count:
@@ -275,12 +338,6 @@ def _output_metrics(name: str, sums: ErrorSums, classes: ClassAgreement | None) 
 def _fused_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node
             if node.domain == ops.DOMAIN and node.op_type == "QLinearBatchNormRelu"]
-
-
-def _by_name(run: Callable, model: onnx.ModelProto) -> Callable[[dict], dict[str, np.ndarray]]:
-    """`run`, returning its outputs by tensor name."""
-    names = [value.name for value in model.graph.output]
-    return lambda feeds: dict(zip(names, run(feeds)))
 
 
 def _node_kernels(model: onnx.ModelProto, fused: list[onnx.NodeProto]) -> list[BnReluPlan]:

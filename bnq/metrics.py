@@ -1,6 +1,9 @@
 """Streaming comparison metrics: accumulators fed one batch at a time (`update`) that can be
 combined (`merge`), so that batches, subsets of tensors or workers may be measured apart and
-summed. Every sum is exact to float64 rounding and independent of batch order up to it.
+summed. Every sum is taken per sample (a row reduction of that sample's values alone) and the
+samples' sums are added exactly (`ExactSum`), so the figures are the same, bit for bit, however
+the samples are split into batches, micro-batches, passes or workers, and in whatever order the
+parts are merged.
 
 For a float tensor y and its quantized counterpart y_q, over all samples:
 
@@ -14,7 +17,7 @@ For classification outputs (N x K scores):
     top-k agreement = mean( argmax y is among the k largest of y_q )
     top-k accuracy  = mean( label is among the k largest scores ), for each model
 
-The sums use `np.einsum` and elementwise reductions, never `@`/`np.dot`: those go through BLAS,
+The sums use elementwise products and reductions, never `@`/`np.dot`: those go through BLAS,
 whose threads made `bnq evaluate` 3-4 times slower on a busy 2-core machine (small float64
 products through threaded OpenBLAS), for sums that need no BLAS. Tensors are walked in chunks
 of CHUNK elements converted to float64 there: on a 6 M-element tensor that was 20 times faster
@@ -32,8 +35,59 @@ HISTOGRAM_BINS = 64
 CHUNK = 1 << 16
 
 
-def _sum_of_products(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.einsum("i,i->", a, b))
+class ExactSum:
+    """A sum of float64 values kept exactly (every finite float64 is an integer multiple of
+    2**-1074), so that adding in any grouping or order and merging give the same bits: the
+    float is rounded once, at the end. Non-finite values are summed apart, as floats."""
+
+    _UNIT = 1074
+
+    def __init__(self) -> None:
+        self.total = 0  # in units of 2**-1074
+        self.special = 0.0  # the sum of the infinities and NaNs seen
+
+    def add(self, values: np.ndarray | float) -> None:
+        for value in np.asarray(values, np.float64).ravel().tolist():
+            if math.isfinite(value):
+                numerator, denominator = value.as_integer_ratio()
+                self.total += numerator << (self._UNIT - denominator.bit_length() + 1)
+            else:
+                self.special += value
+
+    def merge(self, other: ExactSum) -> None:
+        self.total += other.total
+        self.special += other.special
+
+    def value(self) -> float:
+        if self.special != 0 or math.isnan(self.special):
+            return self.special
+        return self.total / (1 << self._UNIT)  # int / int rounds correctly
+
+
+def _per_sample(values: np.ndarray) -> np.ndarray:
+    """The sum of each row: numpy's pairwise summation along the contiguous axis, whose grouping
+    depends only on the row's length, so a row's sum does not depend on the rows beside it."""
+    return np.add.reduce(values, axis=1)
+
+
+def _sample_chunks(*arrays: np.ndarray):
+    """float64 blocks of about CHUNK elements of `arrays` (batch first), as rows that each hold
+    one sample's values or a CHUNK-long piece of them: whole samples when they fit, else each
+    sample cut at the same offsets. A row's sums therefore depend on its sample alone, never on
+    the batch it came in."""
+    rows = [np.asarray(array).reshape(len(array), -1) for array in arrays]
+    samples, size = rows[0].shape
+    if size == 0:
+        return
+    if size <= CHUNK:
+        step = max(1, CHUNK // size)
+        for start in range(0, samples, step):
+            yield [part[start:start + step].astype(np.float64) for part in rows]
+        return
+    for sample in range(samples):
+        for start in range(0, size, CHUNK):
+            yield [part[sample:sample + 1, start:start + CHUNK].astype(np.float64)
+                   for part in rows]
 
 
 def _chunks(*arrays: np.ndarray):
@@ -47,11 +101,11 @@ def _chunks(*arrays: np.ndarray):
 class ErrorSums:
     """Sums for SQNR, cosine, absolute errors and the IoU of maps thresholded at 0.5."""
 
-    signal: float = 0.0        # sum y^2
-    noise: float = 0.0         # sum (y - y_q)^2
-    cross: float = 0.0         # sum y y_q
-    power: float = 0.0         # sum y_q^2
-    abs_sum: float = 0.0
+    signal: ExactSum = field(default_factory=ExactSum)   # sum y^2
+    noise: ExactSum = field(default_factory=ExactSum)    # sum (y - y_q)^2
+    cross: ExactSum = field(default_factory=ExactSum)    # sum y y_q
+    power: ExactSum = field(default_factory=ExactSum)    # sum y_q^2
+    abs_sum: ExactSum = field(default_factory=ExactSum)
     abs_max: float = 0.0
     count: int = 0
     low: float = math.inf      # smallest value of y or y_q
@@ -60,17 +114,17 @@ class ErrorSums:
     union: int = 0             # y > 0.5 or y_q > 0.5
 
     def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
-        for reference_part, actual_part in _chunks(reference, actual):
+        for reference_part, actual_part in _sample_chunks(reference, actual):
             self._add(reference_part, actual_part)
 
     def _add(self, reference: np.ndarray, actual: np.ndarray) -> None:
         error = reference - actual
-        self.signal += _sum_of_products(reference, reference)
-        self.noise += _sum_of_products(error, error)
-        self.cross += _sum_of_products(reference, actual)
-        self.power += _sum_of_products(actual, actual)
+        self.signal.add(_per_sample(reference * reference))
+        self.noise.add(_per_sample(error * error))
+        self.cross.add(_per_sample(reference * actual))
+        self.power.add(_per_sample(actual * actual))
         np.abs(error, out=error)
-        self.abs_sum += float(error.sum())
+        self.abs_sum.add(_per_sample(error))
         self.abs_max = max(self.abs_max, float(error.max()))
         self.count += reference.size
         self.low = min(self.low, float(reference.min()), float(actual.min()))
@@ -80,23 +134,25 @@ class ErrorSums:
         self.union += int(np.count_nonzero(above | above_q))
 
     def merge(self, other: ErrorSums) -> None:
-        for name in ("signal", "noise", "cross", "power", "abs_sum", "count", "intersection",
-                     "union"):
+        for name in ("signal", "noise", "cross", "power", "abs_sum"):
+            getattr(self, name).merge(getattr(other, name))
+        for name in ("count", "intersection", "union"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.abs_max = max(self.abs_max, other.abs_max)
         self.low, self.high = min(self.low, other.low), max(self.high, other.high)
 
     def sqnr_db(self) -> float:
-        if self.noise == 0:
+        signal, noise = self.signal.value(), self.noise.value()
+        if noise == 0:
             return math.inf
-        return 10 * math.log10(self.signal / self.noise) if self.signal else -math.inf
+        return 10 * math.log10(signal / noise) if signal else -math.inf
 
     def cosine(self) -> float:
-        denominator = math.sqrt(self.signal * self.power)
-        return self.cross / denominator if denominator else 1.0
+        denominator = math.sqrt(self.signal.value() * self.power.value())
+        return self.cross.value() / denominator if denominator else 1.0
 
     def mean_abs_error(self) -> float:
-        return self.abs_sum / self.count if self.count else 0.0
+        return self.abs_sum.value() / self.count if self.count else 0.0
 
     def iou(self) -> float | None:
         """The IoU at 0.5, for maps whose values all lie in [0, 1]; None for anything else."""

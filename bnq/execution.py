@@ -1,0 +1,312 @@
+"""Run models over sample data in bounded memory, in worker processes or on a Dask cluster.
+
+A `Job` names the models to run (each on its backend), the tensors to fetch from them besides
+their outputs, in groups (tensors fetched together: a node's output in both models of
+`bnq evaluate`), and a factory of accumulators: objects fed with the fetched tensors
+(`update(batch, fetched)`) whose `merge` is exact. The result is therefore the same, bit for bit,
+however the work is split:
+
+* **Micro-batches.** A batch of the data is run in slices of `micro_batch` samples.
+* **Passes.** When even one sample's tensors exceed the memory limit, the groups are fetched in
+  several passes over the data, each pass running the models again for its groups only.
+* **Workers.** Units of work (one pass over one batch) run in worker processes, each with its
+  own onnxruntime sessions and `cores // workers` intra-op threads so that workers do not fight
+  over cores; each unit's accumulator comes back to the caller and is merged in unit order.
+* **A Dask cluster** (`scheduler="tcp://host:8786"`, the optional `distributed` package) runs the
+  same units: the job (with its models) is sent once to every worker, each unit reads its batch
+  from the data path, which the workers must share. A worker that dies has its units rerun
+  elsewhere by the scheduler; a unit that fails for good stops the run with an error.
+
+Memory. A fetched tensor stays alive until the run returns, and the array handed to the
+accumulators is a second copy, so per sample a pass fetching the set S holds about
+
+    estimate = sum over the models of bytes(intermediate tensors not fetched) + 2 * bytes(S)
+
+with every size from ONNX shape inference at the data's sample shapes (a tensor of unknown
+size counts as the largest known one). On torchvision DenseNet-121 at 224 x 224 the estimate is
+234 MB per sample and the process's peak memory grew by 240 MB per sample of a batch. The plan
+takes micro-batches of `limit // estimate` samples (at most the batch size) when one sample
+fits, else single samples and the groups packed in order into as few passes as fit.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from bnq.data import SampleData
+from bnq.errors import ArgumentError, BnqError, DataError, one_line
+from bnq.graph import NameScope, concrete_shapes, with_outputs
+from bnq.runtime import make_runner
+
+DEFAULT_MEMORY_LIMIT = 1 << 30
+_POLL_SECONDS = 0.2  # how often the caller looks for dead workers while waiting
+
+
+class ExecutionError(BnqError):
+    """A worker process or a cluster that failed to run its share of the work."""
+
+
+class Accumulator(Protocol):
+    def update(self, batch: dict[str, np.ndarray], fetched: list[dict[str, np.ndarray]],
+               groups: tuple[int, ...]) -> None:
+        """Take one micro-batch: the data's arrays and, per model, the tensors fetched by this
+        pass, which are those of the job's `groups`."""
+
+    def merge(self, other: Accumulator) -> None:
+        """Add what `other` took, exactly."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to run: `groups[g][m]` are tensors of model `m` fetched together; group 0 is
+    fetched in the first pass, with the data's extra `keys` (such as labels)."""
+
+    models: tuple[onnx.ModelProto, ...]
+    backends: tuple[str, ...]
+    groups: tuple[tuple[tuple[str, ...], ...], ...]
+    accumulator: Callable[[], Accumulator]
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How each process splits its work (the results do not depend on it). It depends on the
+    memory limit, not on the number of workers, so reports are the same for any number."""
+
+    memory_limit: int  # bytes of activations allowed per process
+    estimated_bytes: int  # the estimate for the largest pass at `micro_batch` samples
+    micro_batch: int
+    passes: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    accumulator: Accumulator
+    samples: int
+    batches: int
+    plan: ExecutionPlan
+
+
+def run(job: Job, data: SampleData, *, batch_size: int = 32, num_samples: int | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT, workers: int = 1,
+        scheduler: str | None = None,
+        progress: Callable[[float], None] | None = None) -> RunResult:
+    """Run `job` over `data` and return its merged accumulator; `memory_limit` holds for each
+    worker process. `progress(n)` is told of the samples done (fractions of a sample when there
+    are several passes)."""
+    if batch_size < 1:
+        raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
+    if num_samples is not None and num_samples < 1:
+        raise ArgumentError(f"the number of samples must be at least 1, got {num_samples}")
+    if workers < 1:
+        raise ArgumentError(f"the number of workers must be at least 1, got {workers}")
+    if memory_limit < 1:
+        raise ArgumentError(f"the memory limit must be positive, got {memory_limit}")
+    total = min(num_samples or data.num_samples, data.num_samples)
+    micro_batch, passes, estimate = plan_passes(job, data, batch_size, memory_limit)
+    threads = 1 if scheduler else max(1, len(os.sched_getaffinity(0)) // workers)
+    plan = ExecutionPlan(memory_limit, estimate, micro_batch, len(passes))
+    shard = _Shard(job, data, tuple(passes), micro_batch, threads, batch_size)
+    bounds = data.batch_bounds(batch_size, num_samples)
+    units = [(p, first, count) for p in range(len(passes)) for first, count in bounds]
+    advance = (lambda n: progress(n / len(passes))) if progress else (lambda n: None)
+    if scheduler:
+        from bnq.cluster import run_on_cluster
+        parts = run_on_cluster(scheduler, shard, units, advance)
+    elif workers == 1:
+        parts = _run_here(shard, units, advance)
+    else:
+        parts = _run_in_workers(shard, units, workers, advance)
+    result = job.accumulator()
+    for part in parts:
+        result.merge(part)
+    return RunResult(result, total, len(bounds), plan)
+
+
+def plan_passes(job: Job, data: SampleData, batch_size: int,
+                memory_limit: int) -> tuple[int, list[tuple[int, ...]], int]:
+    """(micro-batch, the groups of each pass, the estimated bytes of the largest pass) under
+    `memory_limit` bytes (module docstring)."""
+    sizes = [_tensor_bytes(model, data.sample_shapes()) for model in job.models]
+    group_bytes = [sum(sizes[m][name] for m, names in enumerate(group) for name in names)
+                   for group in job.groups]
+    fetched = [{name for group in job.groups for name in group[m]} for m in range(len(sizes))]
+    base = sum(size for m, model_sizes in enumerate(sizes)
+               for name, size in model_sizes.items() if name not in fetched[m])
+    whole = base + 2 * sum(group_bytes)
+    if whole <= memory_limit:
+        micro = max(1, min(batch_size, memory_limit // max(whole, 1)))
+        return micro, [tuple(range(len(job.groups)))], whole * micro
+    passes: list[list[int]] = [[]]
+    used = base
+    for index, size in enumerate(group_bytes):
+        if passes[-1] and used + 2 * size > memory_limit:
+            passes.append([])
+            used = base
+        passes[-1].append(index)
+        used += 2 * size
+    largest = base + 2 * max(sum(group_bytes[g] for g in groups) for groups in passes)
+    return 1, [tuple(groups) for groups in passes], largest
+
+
+def _tensor_bytes(model: onnx.ModelProto, samples: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Bytes per sample of the model's inputs and of every tensor its nodes compute, by shape
+    inference with the inputs fixed to one sample of the data; a tensor of unknown size counts
+    as the largest known one (as float32 values of an input when inference tells nothing)."""
+    shapes = concrete_shapes(model, {name: (1, *shape) for name, shape in samples.items()})
+    known = {name: math.prod(shape) * dtype.itemsize for name, (shape, dtype) in shapes.items()}
+    largest = max(known.values(), default=max(4 * math.prod(s) for s in samples.values()))
+    names = [value.name for value in model.graph.input if value.name in samples]
+    names += [name for node in model.graph.node for name in node.output if name]
+    return {name: known.get(name, largest) for name in names}
+
+
+class _Shard:
+    """Runs units of a job, (pass, first sample, samples), into fresh accumulators. Holds the
+    runners of one pass at a time; pickled without them, to start worker processes."""
+
+    def __init__(self, job: Job, data: SampleData, passes: tuple[tuple[int, ...], ...],
+                 micro_batch: int, threads: int, batch_size: int) -> None:
+        self.job, self.data, self.passes = job, data, passes
+        self.micro_batch, self.threads, self.batch_size = micro_batch, threads, batch_size
+        self._lock = threading.Lock()
+        self._runners: tuple[int, list] | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_runners")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _runners=None)
+
+    def names(self, groups: int | tuple[int, ...]) -> list[list[str]]:
+        """Per model, the tensors of a pass (its index) or of the given groups."""
+        if isinstance(groups, int):
+            groups = self.passes[groups]
+        return [list(dict.fromkeys(name for g in groups for name in self.job.groups[g][m]))
+                for m in range(len(self.job.models))]
+
+    def runners(self, pass_index: int) -> list:
+        with self._lock:
+            if self._runners is None or self._runners[0] != pass_index:
+                self._runners = None  # the previous pass's sessions go before the next's come
+                every = self.names(tuple(range(len(self.job.groups))))
+                self._runners = (pass_index, [
+                    _fetching(model, backend, names, everything, self.threads)
+                    for model, backend, names, everything
+                    in zip(self.job.models, self.job.backends, self.names(pass_index), every)])
+            return self._runners[1]
+
+    def run(self, unit: tuple[int, int, int], progress: Callable[[int], None]) -> Accumulator:
+        pass_index, first, count = unit
+        runners = self.runners(pass_index)
+        keys = self.job.keys if pass_index == 0 else ()
+        accumulator = self.job.accumulator()
+        for batch in self._read(first, count, keys):
+            size = len(next(iter(batch.values())))
+            for start in range(0, size, self.micro_batch):
+                micro = {key: array[start:start + self.micro_batch] for key, array in batch.items()}
+                feeds = {key: micro[key] for key in micro if key not in keys}
+                accumulator.update(micro, [run_one(feeds) for run_one in runners],
+                                   self.passes[pass_index])
+                progress(len(next(iter(micro.values()))))
+        return accumulator
+
+    def _read(self, first: int, count: int, keys: tuple[str, ...]) -> Iterator[dict]:
+        try:
+            yield from self.data.batches(self.batch_size, count, keys=keys, first=first)
+        except OSError as error:
+            raise DataError(f"cannot read the data at {self.data.path} on host "
+                            f"{os.uname().nodename}: {one_line(error)} (with a cluster, every "
+                            "worker reads the data from this path)") from error
+
+
+def _fetching(model: onnx.ModelProto, backend: str, names: list[str], everything: list[str],
+              threads: int) -> Callable:
+    """A function from feeds to the tensors `names` of `model` (by name). Every other tensor of
+    `everything` (fetched in another pass) gets a reader, a ReduceMin to a scalar output:
+    onnxruntime fuses a node into the next only when nothing else reads its output, so each
+    pass's graph is optimized the same way as one pass fetching everything, and computes the
+    same bits (a Conv fused with the Add after it rounds differently from the two apart)."""
+    held = [name for name in everything if name not in names]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    scope = NameScope(probe.graph)
+    sinks = [scope.fresh(f"{name}_held") for name in held]
+    probe.graph.node.extend(onnx.helper.make_node("ReduceMin", [name], [sink], keepdims=0,
+                                                  name=sink) for name, sink in zip(held, sinks))
+    probe = with_outputs(probe, names + sinks)
+    run_probe = make_runner(probe, backend, threads)
+    outputs = [value.name for value in probe.graph.output]
+    wanted = set(names)
+    return lambda feeds: {name: value for name, value in zip(outputs, run_probe(feeds))
+                          if name in wanted}
+
+
+def _run_here(shard: _Shard, units: Sequence, progress: Callable[[int], None]) -> Iterator:
+    for unit in units:
+        yield shard.run(unit, progress)
+
+
+def _run_in_workers(shard: _Shard, units: Sequence, workers: int,
+                    progress: Callable[[int], None]) -> list[Accumulator]:
+    """Run the units in `workers` spawned processes; results come back in unit order. A worker
+    that fails stops the run with its error; one that dies, with an ExecutionError; on any
+    exit (Ctrl-C included) every worker is terminated."""
+    context = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive fork
+    tasks, results = context.Queue(), context.Queue()
+    for index, unit in enumerate(units):
+        tasks.put((index, unit))
+    for _ in range(workers):
+        tasks.put(None)
+    processes = [context.Process(target=_worker, args=(shard, tasks, results), daemon=True)
+                 for _ in range(min(workers, len(units)))]
+    done: dict[int, Accumulator] = {}
+    try:
+        for process in processes:
+            process.start()
+        while len(done) < len(units):
+            try:
+                kind, value = results.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                for process in processes:
+                    if process.exitcode not in (None, 0):
+                        raise ExecutionError(
+                            f"worker process {process.pid} died (exit code {process.exitcode}) "
+                            "before finishing its share of the samples; nothing was written")
+                continue
+            if kind == "progress":
+                progress(value)
+            elif kind == "error":
+                raise value
+            else:
+                done[value[0]] = value[1]
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    return [done[index] for index in range(len(units))]
+
+
+def _worker(shard: _Shard, tasks, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller stops its workers itself
+    try:
+        while (task := tasks.get()) is not None:
+            index, unit = task
+            results.put(("done", (index, shard.run(unit, lambda n: results.put(("progress", n))))))
+    except BnqError as error:
+        results.put(("error", error))
+    except Exception as error:  # a bug: still one line for the user
+        results.put(("error", ExecutionError(
+            f"internal error in a worker: {type(error).__name__}: {one_line(error)}")))

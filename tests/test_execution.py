@@ -1,0 +1,197 @@
+"""bnq.execution: however the work is split (memory limit, micro-batches, passes, batch size,
+worker processes), calibration writes the same bytes and evaluation reports the same figures;
+failing and dying workers stop the run with one clear error and nothing written."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnq import load_model
+from bnq.calibrate import calibrate
+from bnq.cli import cli
+from bnq.data import SampleData, model_inputs
+from bnq.errors import DataError
+from bnq.evaluate import evaluate
+from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionError, Job, plan_passes, run
+from bnq.machine import IntegerFormats
+from bnq.metrics import ErrorSums, ExactSum
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "samples" / "digits_cnn.onnx"
+CALIB = ROOT / "samples" / "calib.npz"
+EVAL = ROOT / "samples" / "eval.npz"
+FORMATS = IntegerFormats("uint8", "int8", True, "tests")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_model(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def quantized(reference):
+    return calibrate(reference, SampleData(CALIB, model_inputs(reference)), formats=FORMATS)[0]
+
+
+def calibrated(reference, method="minmax", **split):
+    data = SampleData(CALIB, model_inputs(reference))
+    model, report = calibrate(reference, data, formats=FORMATS, method=method, num_samples=96,
+                              **split)
+    return model.SerializeToString(), dataclasses.replace(report, plan=None, batches=0), report.plan
+
+
+def evaluated(reference, quantized, **split):
+    data = SampleData(EVAL, model_inputs(reference), extra_keys=("labels",))
+    report = evaluate(quantized, reference, data, backend="both", num_samples=100, **split)
+    return json.dumps(dataclasses.asdict(dataclasses.replace(report, plan=None))), report.plan
+
+
+# Calibrating the sample model takes ~140 KB per sample: these limits give micro-batches of the
+# whole batch, of a few samples, of two, and single samples in two passes.
+LIMITS = [1 << 30, 1_000_000, 300_000, 100_000]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_calibration_is_the_same_for_any_split(reference, method):
+    model, report, plan = calibrated(reference, method)
+    assert plan.passes == 1 and plan.micro_batch == 32
+    seen = set()
+    for limit in LIMITS[1:]:
+        for batch_size in (7, 32):
+            other_model, other_report, other_plan = calibrated(
+                reference, method, memory_limit=limit, batch_size=batch_size)
+            assert other_model == model and other_report == report
+            seen.add((other_plan.micro_batch, other_plan.passes))
+    assert {passes for _, passes in seen} > {1} and {micro for micro, _ in seen} > {1}
+
+
+def test_evaluation_is_the_same_for_any_split(reference, quantized):
+    report, plan = evaluated(reference, quantized)
+    assert plan.passes == 1 and '"samples": 100' in report and '"backend_max_lsb_diff": 0' in report
+    plans = []
+    for limit, batch_size in ((1_000_000, 1), (300_000, 13), (100_000, 13)):
+        other, other_plan = evaluated(reference, quantized, memory_limit=limit,
+                                      batch_size=batch_size)
+        assert other == report
+        plans.append(other_plan)
+    assert max(p.passes for p in plans) > 1 and min(p.micro_batch for p in plans) == 1
+
+
+def test_plan_stays_under_the_limit(reference):
+    data = SampleData(CALIB, model_inputs(reference))
+    job = Job((reference,), ("onnxruntime",), (((reference.graph.node[3].output[0],),),
+                                                ((reference.graph.node[5].output[0],),)),
+              lambda: None)
+    for limit in (10**9, 1_000_000, 300_000):
+        micro, passes, estimate = plan_passes(job, data, 32, limit)
+        assert 1 <= micro <= 32 and estimate <= limit and passes == [(0, 1)]
+    # below what one sample takes: single samples, one group per pass, the estimate as it is
+    micro, passes, estimate = plan_passes(job, data, 32, 1000)
+    assert micro == 1 and passes == [(0,), (1,)] and estimate > 1000
+
+
+def test_workers_give_the_same_bytes(reference, quantized):
+    model, report, _ = calibrated(reference, "entropy", batch_size=16)
+    model2, report2, _ = calibrated(reference, "entropy", batch_size=16, workers=2)
+    assert model2 == model and report2 == report
+    assert evaluated(reference, quantized, workers=3, batch_size=16)[0] == evaluated(
+        reference, quantized)[0]
+
+
+def test_cli_default_memory_limit_is_the_library_s():
+    option = next(p for p in cli.commands["calibrate"].params if p.name == "memory_limit")
+    assert option.type.convert(option.default, option, None) == DEFAULT_MEMORY_LIMIT
+
+
+def test_cli_output_is_byte_identical_for_any_number_of_workers(tmp_path):
+    runner = CliRunner()
+    outputs = []
+    output = tmp_path / "q.onnx"
+    for workers in (1, 2):
+        result = runner.invoke(cli, ["calibrate", str(SAMPLE), "-d", str(CALIB), "-o", str(output),
+                                     "--num-samples", "64", "--batch-size", "16", "--json", "--force",
+                                     "--workers", str(workers), "--memory-limit", "100kB"])
+        assert result.exit_code == 0, result.output
+        outputs.append((output.read_bytes(), result.output))
+    assert outputs[0] == outputs[1]
+    assert json.loads(outputs[0][1])["plan"]["micro_batch"] < 16
+
+
+class _Dying:
+    """An accumulator whose process dies (as if killed) on the samples starting at `first`."""
+
+    def __init__(self, first: int) -> None:
+        self.first, self.seen = first, 0
+
+    def update(self, batch, fetched, groups) -> None:
+        if os.environ.get("BNQ_TEST_WORKER") and batch["input"][0, 0, 0, 0] == self.first:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def merge(self, other) -> None:
+        self.seen += 1
+
+
+def test_a_dead_worker_stops_the_run(reference, monkeypatch):
+    data = SampleData(CALIB, model_inputs(reference))
+    with np.load(CALIB) as arrays:
+        marker = float(arrays["input"][40, 0, 0, 0])
+    job = Job((reference,), ("onnxruntime",), (((),),), functools.partial(_Dying, marker))
+    monkeypatch.setenv("BNQ_TEST_WORKER", "1")  # spawned workers inherit it
+    with pytest.raises(ExecutionError, match="died .*nothing was written"):
+        run(job, data, batch_size=16, num_samples=64, workers=2)
+
+
+def test_a_failing_worker_reports_the_error(tmp_path, reference):
+    broken = tmp_path / "broken.npz"
+    x = np.load(CALIB)["input"][:40].copy()
+    x[33, 0, 0, 0] = np.nan
+    np.savez(broken, input=x)
+    output = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["calibrate", str(SAMPLE), "-d", str(broken), "-o",
+                                      str(output), "--batch-size", "8", "--workers", "2"])
+    assert result.exit_code == 1 and "NaN or infinite values in samples 32..39" in result.output
+    assert not output.exists()
+    with pytest.raises(DataError):
+        calibrate(reference, SampleData(broken, model_inputs(reference)), formats=FORMATS,
+                  batch_size=8, workers=2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e300, 1e300), max_size=40),
+       st.integers(0, 40))
+def test_exact_sum_is_the_correctly_rounded_sum_for_any_split(values, cut):
+    whole, left, right = ExactSum(), ExactSum(), ExactSum()
+    whole.add(np.array(values))
+    left.add(np.array(values[:cut]))
+    right.add(np.array(values[cut:]))
+    right.merge(left)
+    assert whole.value() == right.value() == math.fsum(values)
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5), (5, 70_000)])  # small samples; samples in pieces
+def test_error_sums_do_not_depend_on_the_split(shape):
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal(shape).astype(np.float32)
+    actual = reference + rng.normal(0, 0.1, shape).astype(np.float32)
+    whole, first, second = ErrorSums(), ErrorSums(), ErrorSums()
+    whole.update(reference, actual)
+    first.update(reference[:2], actual[:2])
+    second.update(reference[2:], actual[2:])
+    second.merge(first)
+    figures = [(s.sqnr_db(), s.cosine(), s.mean_abs_error(), s.abs_max) for s in (whole, second)]
+    assert figures[0] == figures[1]
+    expected = reference.astype(np.float64)
+    assert whole.sqnr_db() == pytest.approx(
+        10 * np.log10((expected ** 2).sum() / ((expected - actual) ** 2).sum()))
