@@ -1078,12 +1078,14 @@ def test_a_constant_of_shape_bomb_is_refused_unallocated(work):
                                           ("1", ("Conv conv", "work buffer", "3.4 GiB"))])
 def test_huge_pads_are_refused_before_running(work, batch, names):
     """A Conv whose pads of 5000 make 10002 x 10002 outputs of a 4 x 4 input: its output at
-    batch 20 (15 GiB), or at batch 1 onnxruntime's im2col buffer (3.4 GiB)."""
+    batch 20 (15 GiB; a --memory-limit that large keeps the batch whole), or at batch 1
+    onnxruntime's im2col buffer (3.4 GiB)."""
     onnx.save(padded_model(5000), work / "pads.onnx")
+    whole = ["--memory-limit", "100GiB"]
     for args in (["calibrate", work / "pads.onnx", "-d", work / "good.npy", "-o",
-                  work / "q.onnx", "--batch-size", batch],
+                  work / "q.onnx", "--batch-size", batch, *whole],
                  ["evaluate", work / "quantized.onnx", "-r", work / "pads.onnx", "-d",
-                  work / "good.npy", "--batch-size", batch]):
+                  work / "good.npy", "--batch-size", batch, *whole]):
         assert_fails_cleanly(work, args, names, isolated=True)
 
 
