@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper, numpy_helper, version_converter
 
 from bnq import ops
@@ -47,6 +48,8 @@ from bnq.graph import (
     op_counts,
     output_names,
     producers,
+    quantized_nodes,
+    reads,
 )
 from bnq.machine import IntegerFormats
 from bnq.observers import Observer, make_observer
@@ -128,6 +131,10 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     fused, fusion = fuse(_upgrade(model))
     fused, folded_pools = fold_average_pool(fused)
     plan = _plan(fused)
+    if not (plan.activations or plan.batch_norms or plan.bn_inputs):
+        raise ModelError("nothing to quantize: the model has no Conv, Gemm or MatMul with "
+                         "constant weights, no BatchNormalization + Relu that fuses (bnq fuse "
+                         "says why) and no Relu or pooling; the output would be a float copy")
     activation = np.dtype(formats.activation)
     per_channel = {name: False for name in plan.activations} | {
         node.output[0]: False for node in plan.batch_norms} | {name: True for name in plan.bn_inputs}
@@ -159,16 +166,12 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                                         body_for(quantized), folded_pools, observed.plan)
 
 
-QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearBatchNormRelu", "QLinearConv",
-                 "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
-
-
 def _check_model(model: onnx.ModelProto) -> None:
     """Refuse what bnq cannot quantize, saying why: a model that is quantized already (a second
     quantization would compound the rounding), float inputs other than float32 (QuantizeLinear
     and bnq's kernels take float32), and NaN or infinite weights, blamed on the weights before
     they turn up in the activations."""
-    quantized = [node for node in model.graph.node if node.op_type in QUANTIZED_OPS]
+    quantized = quantized_nodes(model)
     if quantized:
         raise ModelError(f"the model is quantized already ({quantized[0].op_type} "
                          f"{node_label(quantized[0])}, {len(quantized)} such nodes): calibrate "
@@ -188,9 +191,14 @@ def _check_model(model: onnx.ModelProto) -> None:
 
 
 def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model at opset 19 or later, where every runtime bnq uses has QuantizeLinear."""
+    """The model at opset 19 or later, where every runtime bnq uses has QuantizeLinear. The
+    converter drops model-local functions, so the model's own (other domains than bnq's, whose
+    bodies bnq writes for any opset) are inlined first: their bodies are then converted too."""
     if default_opset(model) >= QDQ_OPSET:
         return model
+    foreign = [(f.domain, f.name) for f in model.functions if f.domain != ops.DOMAIN]
+    if foreign:
+        model = onnx.inliner.inline_selected_functions(model, foreign)
     try:
         upgraded = version_converter.convert_version(model, QDQ_OPSET)
     except Exception as error:  # the converter raises bare RuntimeErrors and more
@@ -390,7 +398,7 @@ def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams
     del graph.node[:]
     graph.node.extend(_live(build.nodes, output_names(graph)))
     graph.initializer.extend(build.initializers)
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in graph.node for name in reads(node)}
     kept = [tensor for tensor in graph.initializer if tensor.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -403,7 +411,7 @@ def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto
     integer Concat beside it is left with none (ONNX nodes have no side effects)."""
     live = list(nodes)
     while True:
-        read = {name for node in live for name in node.input} | outputs
+        read = {name for node in live for name in reads(node)} | outputs
         kept = [node for node in live if any(name in read for name in node.output)]
         if len(kept) == len(live):
             return live

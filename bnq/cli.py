@@ -568,12 +568,17 @@ def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data:
         require_matplotlib()  # before the work, not after it
     float_model = load_model(reference)
     samples = _open_samples(ctx, data, float_model, image, extra_keys=(labels,))
+    if ctx.get_parameter_source("labels") == click.core.ParameterSource.COMMANDLINE and (
+            not samples.has(labels) or labels in {spec.name for spec in samples.inputs}):
+        raise BnqError(f"{data}: no labels under --labels {labels!r} (a key that is no model "
+                       "input); give the key of the labels array, or leave --labels out")
     total = min(num_samples or samples.num_samples, samples.num_samples)
     with _progress("evaluating", total) as progress:
         report = evaluate(load_model(quantized), float_model, samples, backend=backend,
                           batch_size=batch_size, num_samples=num_samples, labels=labels,
                           memory_limit=memory_limit, workers=workers, scheduler=scheduler,
-                          progress=lambda n: progress.advance(progress.task_ids[0], n))
+                          progress=lambda n: progress.advance(progress.task_ids[0], n),
+                          names=(str(quantized), str(reference)))
     text = _report_text(as_json, lambda: dataclasses.asdict(report),
                         lambda: _render_evaluation(report, report_path))
     if report_path is not None:

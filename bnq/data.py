@@ -187,6 +187,9 @@ class SampleData:
                  extra_keys: tuple[str, ...] = (), images: Preprocessing | None = None) -> None:
         self.path = Path(path)
         self.inputs = inputs
+        if not inputs:
+            raise DataError(f"{self.path}: the model takes no inputs, so there is nothing for "
+                            "samples to feed; it computes the same outputs every time")
         self.images: _ImageFolder | None = None
         if self.path.is_dir() and holds_images(self.path) and not self._data_files():
             self.images = _ImageFolder(self.path, inputs, images or Preprocessing(), extra_keys)

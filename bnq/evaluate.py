@@ -37,10 +37,10 @@ from bnq import ops
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, DataError
 from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
-from bnq.graph import constant_values, producers
+from bnq.graph import constant_values, producers, quantized_nodes
 from bnq.kernels import BnReluPlan
 from bnq.metrics import ClassAgreement, ErrorSums, Histogram
-from bnq.qops import node_plan
+from bnq.qops import any_rank, node_plan
 from bnq.runtime import BACKENDS
 
 BACKEND_CHOICES = (*BACKENDS, "both")
@@ -177,20 +177,30 @@ class _Layer:
 def _is_classification(shape: tuple[int, ...]) -> bool:
     """N x K scores (trailing 1s allowed, as N x K x 1 x 1), K > 1."""
     dims = [d for d in shape[1:] if d != 1]
-    return len(shape) >= 2 and len(dims) == 1 and dims[0] == shape[1]
+    return len(shape) >= 2 and len(dims) == 1 and dims[0] == shape[1] and dims[0] > 1
 
 
 def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: SampleData, *,
              backend: str = "onnxruntime", batch_size: int = 32, num_samples: int | None = None,
              labels: str | None = "labels", memory_limit: int = DEFAULT_MEMORY_LIMIT,
              workers: int = 1, scheduler: str | None = None,
-             progress: Callable[[float], None] | None = None) -> EvaluationReport:
+             progress: Callable[[float], None] | None = None,
+             names: tuple[str, str] = ("the quantized model", "the reference model"),
+             ) -> EvaluationReport:
     """Compare `quantized` with its float `reference` on `data` (see the module docstring).
     `memory_limit` (bytes of activations per process), `workers` (local processes) and
     `scheduler` (a Dask scheduler's address) split the work (`bnq.execution`), never the
-    figures."""
+    figures. `names` name the two models in messages (their files, for the CLI)."""
     if backend not in BACKEND_CHOICES:
         raise ArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    if quantized_nodes(reference):  # first: the two swapped are two mistakes, this one shows
+        raise ArgumentError(f"{names[1]} is quantized (it has "
+                            f"{quantized_nodes(reference)[0].op_type} nodes): the reference is "
+                            "the float model, the quantized one comes first")
+    if not quantized_nodes(quantized):
+        raise ArgumentError(f"{names[0]} has no quantized nodes (QuantizeLinear, "
+                            "QLinearBatchNormRelu, ...): it is a float model; pass the model "
+                            "bnq calibrate wrote, with its float model as the reference")
     outputs = tuple(value.name for value in reference.graph.output)
     if tuple(value.name for value in quantized.graph.output) != outputs:
         raise ArgumentError("the quantized model's outputs differ from the reference model's "
@@ -199,13 +209,14 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
     tensors = tuple(quantized_tensors(quantized, reference_names))
     fused = tuple(_fused_nodes(quantized)) if backend == "both" else ()
     inputs = {value.name for value in reference.graph.input}
-    labelled = labels is not None and data.has(labels)
+    labelled = labels is not None and labels not in inputs and data.has(labels)
     groups = [(outputs, outputs)]
     groups += [((() if q.tensor in inputs else (q.tensor,)), (q.codes,)) for q in tensors]
     groups += [((), (node.input[0], node.output[0])) for node in fused]
     metrics = _MetricsFactory(outputs, tensors, fused, quantized if fused else None,
                               labels if labelled else None, str(data.path))
-    job = Job((reference, quantized), ("onnxruntime", "onnxruntime" if fused else backend),
+    job = Job((reference, quantized),
+              ("onnxruntime", "onnxruntime" if backend == "both" else backend),
               tuple(groups), metrics, (labels,) if labelled else ())
     result = run(job, data, batch_size=batch_size, num_samples=num_samples,
                  memory_limit=memory_limit, workers=workers, scheduler=scheduler,
@@ -276,7 +287,7 @@ class _Metrics:
             else:
                 index = group - 1 - layers
                 node = self.spec.fused[index]
-                diff = np.abs(self.kernels[index](actual[node.input[0]]).astype(np.int32)
+                diff = np.abs(any_rank(self.kernels[index], actual[node.input[0]]).astype(np.int32)
                               - actual[node.output[0]].astype(np.int32))
                 self.lsb[index] = max(self.lsb[index], int(diff.max(initial=0)))
 
@@ -296,7 +307,7 @@ class _Metrics:
                 expected[name], actual[name],
                 None if truth is None else _labels(truth, len(expected[name]), spec.where,
                                                    spec.labels))
-        self.samples += len(expected[spec.outputs[0]])
+        self.samples += len(next(iter(batch.values())))
 
     def merge(self, other: _Metrics) -> None:
         for mine, theirs in zip(self.output_sums, other.output_sums):

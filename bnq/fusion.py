@@ -37,6 +37,7 @@ from bnq.graph import (
     op_counts,
     output_names,
     producers,
+    reads,
 )
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -121,7 +122,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
         actions.append(Action(label, "fused", f"with Relu {node_label(relu)}"))
 
     replaced = {name for node in graph.node if id(node) in removed or id(node) in added
-                for name in node.input}
+                for name in reads(node)}
     nodes = [added.get(id(node), node) for node in graph.node if id(node) not in removed]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -296,7 +297,7 @@ def _drop_unused(graph: onnx.GraphProto, candidates: set[str], constants: set[st
     keep = output_names(graph) | {value.name for value in graph.input}
     nodes = list(graph.node)
     while True:
-        read = {name for node in nodes for name in node.input} | keep
+        read = {name for node in nodes for name in reads(node)} | keep
         live = [node for node in nodes
                 if any(name in read or name not in constants for name in node.output)]
         if len(live) == len(nodes):

@@ -139,13 +139,28 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     return np.array(plain, dtype=dtype)
 
 
+def reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors `node` reads: its inputs, and the names that its subgraphs (the branches of
+    an If, the body of a Loop or Scan) take from the enclosing graph."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH
+                      else attribute.graphs):
+            local = {value.name for value in graph.input}
+            local |= {tensor.name for tensor in graph.initializer}
+            local |= {name for inner in graph.node for name in inner.output}
+            outer = [name for inner in graph.node for name in reads(inner)]
+            outer += [value.name for value in graph.output]
+            names += [name for name in dict.fromkeys(outer) if name not in local]
+    return names
+
+
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor name -> the nodes that read it, in graph order."""
+    """Tensor name -> the nodes that read it (`reads`: subgraphs too), in graph order."""
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
-        for name in node.input:
-            if name:
-                readers[name].append(node)
+        for name in dict.fromkeys(reads(node)):
+            readers[name].append(node)
     return readers
 
 
@@ -236,6 +251,16 @@ def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
                 and all(dim.HasField("dim_value") for dim in tensor_type.shape.dim)):
             shapes[value.name] = (tuple(dim.dim_value for dim in tensor_type.shape.dim), dtype)
     return shapes
+
+
+# Ops that only a quantized model holds: QDQ pairs, onnxruntime's integer ops, bnq's own.
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                 "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearBatchNormRelu")
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes of the main graph that only a quantized model holds."""
+    return [node for node in model.graph.node if node.op_type in QUANTIZED_OPS]
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

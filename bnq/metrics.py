@@ -75,7 +75,8 @@ def _sample_chunks(*arrays: np.ndarray):
     one sample's values or a CHUNK-long piece of them: whole samples when they fit, else each
     sample cut at the same offsets. A row's sums therefore depend on its sample alone, never on
     the batch it came in."""
-    rows = [np.asarray(array).reshape(len(array), -1) for array in arrays]
+    rows = [np.atleast_1d(array).reshape(len(np.atleast_1d(array)), -1)  # a scalar: one row
+            for array in arrays]
     samples, size = rows[0].shape
     if size == 0:
         return
@@ -148,8 +149,12 @@ class ErrorSums:
         return 10 * math.log10(signal / noise) if signal else -math.inf
 
     def cosine(self) -> float:
-        denominator = math.sqrt(self.signal.value() * self.power.value())
-        return self.cross.value() / denominator if denominator else 1.0
+        """1 for outputs that are both all zeros; 0 when only one of them is (no direction)."""
+        signal, power = self.signal.value(), self.power.value()
+        denominator = math.sqrt(signal * power)
+        if denominator:
+            return self.cross.value() / denominator
+        return 1.0 if signal == power == 0 else 0.0
 
     def mean_abs_error(self) -> float:
         return self.abs_sum.value() / self.count if self.count else 0.0

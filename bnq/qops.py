@@ -23,6 +23,7 @@ onnxruntime and the reference evaluator both do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -314,6 +315,13 @@ def float_output_scale(*params, steps: int = 64) -> np.float32:
     return np.float32(params[-2])
 
 
+def any_rank(plan: BnReluPlan, x: np.ndarray) -> np.ndarray:
+    """`plan` applied to `x` of any rank >= 2: the op is elementwise per channel (axis 1), so
+    [N, C, ...] runs as [N, C, rest] through the kernel, which takes rank 3 to 5 as PyTorch's."""
+    flat = x.reshape(x.shape[:2] + (math.prod(x.shape[2:]),)) if x.ndim >= 2 else x
+    return plan(flat).reshape(x.shape)
+
+
 def node_plan(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> BnReluPlan | None:
     """The kernel plan of a QLinearBatchNormRelu node whose parameters are constants."""
     if not all(name in constants for name in node.input[1:len(INPUTS)]):
@@ -397,4 +405,4 @@ class QLinearBatchNormRelu(OpRun):
                               in_dtype=X.dtype, out_dtype=Y_zero_point.dtype)
             cache.clear()
             cache[key] = plan
-        return (plan(X),)
+        return (any_rank(plan, X),)

@@ -1216,3 +1216,179 @@ def test_a_batch_of_images_is_sized_before_decoding(work, monkeypatch):
                                        ROOT / "samples" / "digits" / "calib", "-o",
                                        work / "q.onnx"], ("calib", "batch of 32 images"))
     assert "smaller batch size" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# graph structure
+
+def bn_in_if_model() -> onnx.ModelProto:
+    """The BatchNormalization + Relu of `small_model` inside both branches of an If, reading
+    the Relu output and the BN parameters from the enclosing graph."""
+    model = small_model()
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], [f"{name}_bn"],
+                              name=f"{name}_bn"),
+             helper.make_node("Relu", [f"{name}_bn"], [f"{name}_out"], name=f"{name}_relu")],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+
+    nodes = [n for n in model.graph.node if n.name not in ("bn", "relu")]
+    nodes.insert(2, helper.make_node("If", ["cond"], ["features"], name="if",
+                                     then_branch=branch("then"), else_branch=branch("else")))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def bn_relu_of_rank(rank: int) -> onnx.ModelProto:
+    shape = ["N", 2] + [2] * (rank - 2)
+    params = {"g": [1.0, 0.5], "b": [0.1, 0.2], "m": [0.0, 0.3], "v": [1.0, 2.0]}
+    return make_model([helper.make_node("Mul", ["x", "half"], ["c"], name="mul"),
+                       helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"],
+                                        name="bn"),
+                       helper.make_node("Relu", ["n"], ["y"], name="relu")],
+                      ("x", shape), ("y", shape),
+                      {"half": np.array(0.5, np.float32)}
+                      | {k: np.array(v, np.float32) for k, v in params.items()})
+
+
+def make_model(nodes, inputs, output, initializers, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info(inputs[0], TensorProto.FLOAT, inputs[1])],
+        [helper.make_tensor_value_info(output[0], TensorProto.FLOAT, output[1])],
+        [numpy_helper.from_array(array, name) for name, array in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def local_function_model() -> onnx.ModelProto:
+    """A model-local function of the user's own domain, at opset 17 (calibrate converts to 19)."""
+    model = small_model()
+    model.graph.node.insert(2, helper.make_node("Double", ["r"], ["r2"], domain="mine",
+                                                name="double"))
+    next(n for n in model.graph.node if n.name == "bn").input[0] = "r2"
+    model.functions.append(helper.make_function(
+        "mine", "Double", ["X"], ["Y"], [helper.make_node("Add", ["X", "X"], ["Y"])],
+        [helper.make_opsetid("", 17)]))
+    model.opset_import.append(helper.make_opsetid("mine", 1))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+STRUCTURES = {
+    "bn-inside-if": (bn_in_if_model, (1, 4, 4)),
+    "local-function-opset-17": (local_function_model, (1, 4, 4)),
+    "rank-2": (lambda: bn_relu_of_rank(2), (2,)),
+    "rank-6": (lambda: bn_relu_of_rank(6), (2, 2, 2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", STRUCTURES)
+def test_unusual_graphs_calibrate_and_evaluate_on_both_backends(work, case):
+    build, shape = STRUCTURES[case]
+    onnx.save(build(), work / "m.onnx")
+    np.save(work / "d.npy", samples(12, shape=shape))
+    assert_works(["calibrate", work / "m.onnx", "-d", work / "d.npy", "-o", work / "q.onnx"])
+    quantized = onnx.load(work / "q.onnx")
+    onnx.checker.check_model(quantized, full_check=True)
+    fused = sum(node.op_type == "QLinearBatchNormRelu" for node in quantized.graph.node)
+    assert fused == (0 if case == "bn-inside-if" else 1)  # a subgraph's BN stays float
+    report = json.loads(assert_works(["evaluate", work / "q.onnx", "-r", work / "m.onnx", "-d",
+                                      work / "d.npy", "--backend", "both", "--json"]).stdout)
+    assert report["backend_max_lsb_diff"] == (0 if fused else None)
+    assert report["outputs"][0]["sqnr_db"] > 25
+    numpy = json.loads(assert_works(["evaluate", work / "q.onnx", "-r", work / "m.onnx", "-d",
+                                     work / "d.npy", "--backend", "numpy", "--json"]).stdout)
+    assert numpy["outputs"][0]["sqnr_db"] == report["outputs"][0]["sqnr_db"]
+
+
+def test_a_quantized_model_is_not_quantized_again(work):
+    line = assert_fails_cleanly(work, ["calibrate", work / "quantized.onnx", "-d",
+                                       work / "good.npy", "-o", work / "q2.onnx"],
+                                ("quantized already", "QuantizeLinear"))
+    assert "float model" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+def _head(nodes, output, shape, initializers=()):
+    model = small_model()
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(initializers)
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, shape))
+    return model
+
+
+def test_scalar_and_empty_outputs_are_evaluated(work):
+    scalar = _head([helper.make_node("ReduceMean", ["y"], ["s"], keepdims=0, name="mean")],
+                   "s", [])
+    empty = _head([helper.make_node("Slice", ["y", "zero", "zero", "one"], ["z"], name="slice")],
+                  "z", ["N", 0], [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                                  numpy_helper.from_array(np.array([1], np.int64), "one")])
+    for name, model in (("scalar", scalar), ("empty", empty)):
+        onnx.save(model, work / f"{name}.onnx")
+        assert_works(["calibrate", work / f"{name}.onnx", "-d", work / "good.npy", "-o",
+                      work / f"{name}_q.onnx"])
+        report = json.loads(assert_works(["evaluate", work / f"{name}_q.onnx", "-r",
+                                          work / f"{name}.onnx", "-d", work / "good.npy",
+                                          "--json"]).stdout)
+        assert report["samples"] == 20 and report["top1_accuracy"] is None
+
+
+def test_a_model_without_inputs_is_refused(work):
+    model = small_model()
+    model.graph.initializer.append(numpy_helper.from_array(samples(2), "x"))
+    model.graph.input.remove(model.graph.input[0])
+    onnx.save(model, work / "none.onnx")
+    for args in (["calibrate", work / "none.onnx", "-d", work / "good.npy", "-o",
+                  work / "q.onnx"],
+                 ["evaluate", work / "quantized.onnx", "-r", work / "none.onnx", "-d",
+                  work / "good.npy"]):
+        assert_fails_cleanly(work, args, ("good.npy", "no inputs"))
+
+
+def test_a_model_input_named_labels_is_an_input(work):
+    model = small_model()
+    model.graph.input[0].name = "labels"
+    model.graph.node[0].input[0] = "labels"
+    onnx.save(model, work / "lab.onnx")
+    np.savez(work / "lab.npz", labels=samples(20))
+    assert_works(["calibrate", work / "lab.onnx", "-d", work / "lab.npz", "-o", work / "q.onnx"])
+    report = json.loads(assert_works(["evaluate", work / "q.onnx", "-r", work / "lab.onnx", "-d",
+                                      work / "lab.npz", "--json"]).stdout)
+    assert report["samples"] == 20 and report["top1_accuracy"] is None
+
+
+def test_swapped_or_float_models_are_refused(work):
+    good, quantized, data = work / "good.onnx", work / "quantized.onnx", work / "good.npy"
+    assert_fails_cleanly(work, ["evaluate", good, "-r", quantized, "-d", data],
+                         (str(quantized), "is quantized", "reference"))
+    assert_fails_cleanly(work, ["evaluate", good, "-r", good, "-d", data],
+                         (str(good), "no quantized nodes"))
+
+
+def test_a_wrong_labels_key_is_an_error_not_a_missing_row(work):
+    np.savez(work / "l.npz", x=samples(20), labels=np.arange(20) % 2)
+    args = ["evaluate", work / "quantized.onnx", "-r", work / "good.onnx", "-d", work / "l.npz"]
+    assert_fails_cleanly(work, [*args, "--labels", "label"], ("l.npz", "--labels 'label'"))
+    assert_fails_cleanly(work, [*args, "--labels", "x"], ("l.npz", "--labels 'x'"))
+    report = json.loads(assert_works([*args, "--json"]).stdout)
+    assert report["top1_accuracy"] is not None
+
+
+def test_cosine_of_an_all_zero_output_is_0_not_1():
+    from bnq.metrics import ErrorSums
+
+    sums = ErrorSums()
+    sums.update(np.ones((4, 3), np.float32), np.zeros((4, 3), np.float32))
+    assert sums.cosine() == 0.0
+    both = ErrorSums()
+    both.update(np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32))
+    assert both.cosine() == 1.0
