@@ -29,11 +29,8 @@ outside the checkout.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,19 +42,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
+
+import common
+from common import ORT_METHODS, ORT_TYPES, interleaved, session, sqnr, table
 
 import bnq
 from bnq.calibrate import calibrate
 from bnq.data import SampleData, model_inputs
-from bnq.machine import IntegerFormats, default_formats, describe
+from bnq.machine import IntegerFormats, default_formats
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "samples" / "digits_cnn.onnx"
@@ -65,12 +57,6 @@ CALIB = ROOT / "samples" / "calib.npz"
 EVAL = ROOT / "samples" / "eval.npz"
 INPUT = "input"
 BNQ_METHODS = ("minmax", "percentile", "entropy", "mse")
-ORT_METHODS = {"MinMax": CalibrationMethod.MinMax, "Percentile": CalibrationMethod.Percentile,
-               "Entropy": CalibrationMethod.Entropy}
-# quantize_static configurations: label -> (activation type, weight type, reduce_range)
-ORT_TYPES = {"QInt8/QInt8": (QuantType.QInt8, QuantType.QInt8, False),
-             "QUInt8/QInt8": (QuantType.QUInt8, QuantType.QInt8, False),
-             "QUInt8/QInt8 reduce_range": (QuantType.QUInt8, QuantType.QInt8, True)}
 MEMORY_BATCH = 25  # divides 100 and 1000: no short last batch, which crashes some calibrators
 
 
@@ -84,23 +70,9 @@ def digits(count: int) -> np.ndarray:
     return np.resize(images, (count, *images.shape[1:]))
 
 
-class Reader(CalibrationDataReader):
-    """onnxruntime's data reader over an array, `batch` samples per call (the last may be short)."""
-
-    def __init__(self, x: np.ndarray, batch: int) -> None:
-        self.batches = iter([{INPUT: x[i:i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
 def ort_quantize(x: np.ndarray, output: Path, *, batch: int = 32, method: str = "MinMax",
                  types: str = "QInt8/QInt8") -> None:
-    activation, weight, reduce_range = ORT_TYPES[types]
-    with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print
-        quantize_static(str(MODEL), str(output), Reader(x, batch), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=reduce_range, activation_type=activation,
-                        weight_type=weight, calibrate_method=ORT_METHODS[method])
+    common.ort_quantize(MODEL, x, output, batch=batch, method=method, types=types)
 
 
 def bnq_quantize(data: Path, *, batch: int = 32, method: str = "minmax",
@@ -112,67 +84,10 @@ def bnq_quantize(data: Path, *, batch: int = 32, method: str = "minmax",
     return quantized
 
 
-def session(model: onnx.ModelProto | Path, optimized: Path | None = None,
-            optimize: bool = True) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if not optimize:  # QDQ pairs run as written, in float: the error of the ranges alone
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    if optimized is not None:
-        options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3  # not the warning that NCHWc layouts are CPU-specific
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def sqnr(reference: np.ndarray, value: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - value) ** 2)
-    return float("inf") if noise == 0 else 10 * np.log10(np.sum(reference.astype(np.float64) ** 2)
-                                                          / noise)
-
-
-# --- output ----------------------------------------------------------------------------------
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    """Numbers right-aligned, text left-aligned."""
-    cells = [header] + [[f"{c}" for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    numeric = [all(_is_number(row[i]) for row in cells[1:]) for i in range(len(header))]
-    print(f"\n{title}")
-    for index, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if right else c.ljust(w)
-                        for c, w, right in zip(row, widths, numeric)).rstrip())
-        if index == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.split(" / ")[0])
-    except ValueError:
-        return text == "-"
-    return True
-
-
 def print_machine() -> None:
-    machine = describe()
     import sklearn
 
-    versions = {"python": platform.python_version(), **machine.versions,
-                "scikit-learn": sklearn.__version__}
-    package = Path(bnq.__file__).resolve().parent
-    commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
-                           capture_output=True, text=True).stdout.strip()
-    print(f"machine: {machine.cpu}, {machine.cores} cores, features {', '.join(machine.features)}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"bnq from {package}" + (f", commit {commit}" if commit else ", not a git checkout")
-          + (" with uncommitted changes in bnq/" if dirty else ""))
-    formats = default_formats()
-    print(f"bnq default formats: activations {formats.activation}, weights {formats.weight}"
-          f"{' (7-bit)' if formats.reduce_range else ''}: {formats.reason}")
+    common.print_machine(**{"scikit-learn": sklearn.__version__})
 
 
 # --- 1. accuracy and SQNR --------------------------------------------------------------------
@@ -332,18 +247,8 @@ def latency(models: dict, rounds: int) -> None:
     rows = []
     for batch, calls in ((1, 200), (32, 20)):
         feeds = {INPUT: np.ascontiguousarray(x[:batch])}
-        for s in sessions.values():  # warm-up
-            for _ in range(calls):
-                s.run(None, feeds)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for round_ in range(rounds):
-            names = list(sessions)
-            names = names[round_ % len(names):] + names[:round_ % len(names)]
-            for name in names:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    sessions[name].run(None, feeds)
-                times[name].append((time.perf_counter() - start) / calls * 1000)
+        times = interleaved({name: (lambda s=s: s.run(None, feeds))
+                             for name, s in sessions.items()}, rounds, calls)
         base = statistics.median(times["float"])
         for name, t in times.items():
             median = statistics.median(t)

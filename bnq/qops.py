@@ -280,26 +280,39 @@ def direct_body_is_exact(plan: BnReluPlan, x_zero_point, y_zero_point,
     return bool(np.all(np.abs(v) < _SATURATED) and np.array_equal(y, plan.table))
 
 
-def _nearby_plans(x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale, y_zero_point,
-                  steps: int) -> Iterator[tuple[np.float32, BnReluPlan]]:
-    """`y_scale`, then the float32 values 1, 2, ... `steps` ulps above and below it, each with its
-    plan: a calibrator's output scale is a choice, and a relative change below 1e-5 is none."""
-    y_scale = np.float32(y_scale)
-    up = down = y_scale
-    candidates = [y_scale]
-    for _ in range(steps):
-        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
-        candidates += [up, down]
+def _plans(params: tuple, candidates) -> Iterator[tuple[np.float32, BnReluPlan]]:
+    """Each candidate output scale with its plan; `params` are `BnReluPlan`'s, y_scale last but
+    one."""
+    x_scale, x_zero_point, weight, bias, mean, var, eps, _, y_zero_point = params
     for candidate in candidates:
         yield candidate, BnReluPlan(x_scale, x_zero_point, weight, bias, mean, var, eps, candidate,
                                     y_zero_point, in_dtype=np.asarray(x_zero_point).dtype,
                                     out_dtype=np.asarray(y_zero_point).dtype)
 
 
+def _ulps(y_scale, steps: int) -> Iterator[np.float32]:
+    """`y_scale`, then the float32 values 1, 2, ... `steps` ulps above and below it."""
+    up = down = np.float32(y_scale)
+    yield up
+    for _ in range(steps):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        yield up
+        yield down
+
+
 def integer_output_scale(*params, steps: int = 64) -> tuple[np.float32, IntegerAffine] | None:
-    """The output scale nearest to `y_scale` (`_nearby_plans`) for which the integer body is
-    exact, with its integer parameters, or None. `params` are `BnReluPlan`'s."""
-    for candidate, plan in _nearby_plans(*params, steps):
+    """The output scale nearest to `y_scale` for which the integer body is exact, with its
+    integer parameters, or None. `params` are `BnReluPlan`'s.
+
+    The candidates grow from `y_scale` in relative steps of 2**-12, up to `steps` of them (+1.6%):
+    a channel fails when `beta / alpha` sits just off a fraction with a small denominator (no
+    `b / w` with |w| <= 127 comes close enough), which a change of the scale by ulps does not move
+    (alpha and beta both scale with 1 / y_scale) but a change of the targets' rounding does. A
+    larger step only widens the output range, so nothing observed is clipped; the range's error
+    is far larger (a min/max estimate)."""
+    y_scale = np.float32(params[-2])
+    candidates = (np.float32(y_scale * (1 + k / 4096)) for k in range(steps + 1))
+    for candidate, plan in _plans(params, candidates):
         affine = integer_affine(plan, params[1], params[-1])
         if affine is not None:
             return candidate, affine
@@ -307,9 +320,10 @@ def integer_output_scale(*params, steps: int = 64) -> tuple[np.float32, IntegerA
 
 
 def float_output_scale(*params, steps: int = 64) -> np.float32:
-    """The output scale nearest to `y_scale` (`_nearby_plans`) for which the float body is exact,
-    else `y_scale`: onnxruntime then runs the node at float32 speed, still bit-exact."""
-    for candidate, plan in _nearby_plans(*params, steps):
+    """The output scale nearest to `y_scale`, within `steps` float32 ulps either way (a relative
+    change below 1e-5), for which the float body is exact, else `y_scale`: onnxruntime then runs
+    the node at float32 speed, still bit-exact."""
+    for candidate, plan in _plans(params, _ulps(params[-2], steps)):
         if direct_body_is_exact(plan, params[1], params[-1], "float"):
             return candidate
     return np.float32(params[-2])
