@@ -19,6 +19,7 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    quant_pre_process,
     quantize_static,
 )
 
@@ -44,10 +45,17 @@ class Reader(CalibrationDataReader):
 
 
 def ort_quantize(model: Path, x: np.ndarray, output: Path, *, batch: int = 32,
-                 method: str = "MinMax", types: str = "QInt8/QInt8") -> None:
-    """quantize_static: QDQ, per-channel weights, the calibration `method` and `types`."""
+                 method: str = "MinMax", types: str = "QInt8/QInt8",
+                 preprocess: bool = False) -> None:
+    """quantize_static: QDQ, per-channel weights, the calibration `method` and `types`; with
+    `preprocess`, after onnxruntime's recommended `quant_pre_process` (shape inference and its
+    graph optimizations, which fold BatchNormalization into the Conv before it)."""
     activation, weight, reduce_range = ORT_TYPES[types]
     name = onnx.load(str(model), load_external_data=False).graph.input[0].name
+    if preprocess:
+        prepared = output.with_suffix(".preprocessed.onnx")
+        quant_pre_process(str(model), str(prepared))
+        model = prepared
     with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print
         quantize_static(str(model), str(output), Reader(name, x, batch),
                         quant_format=QuantFormat.QDQ, per_channel=True,

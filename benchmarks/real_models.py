@@ -5,8 +5,8 @@ DenseNet-121, ResNet-50 and MobileNetV2 (`benchmarks/models.py` builds them).
                                      [--rounds 15] [--json OUT]
 
 For each model, in one run: quantize it with bnq (`calibrate()`, default formats and method) and
-with quantize_static (QDQ, per-channel weights, MinMax; every type variant), all on the same 64
-natural-image crops; then
+with quantize_static (after `quant_pre_process`, as onnxruntime recommends; QDQ, per-channel
+weights, MinMax; every type variant), all on the same 64 natural-image crops; then
 
 - accuracy: SQNR of the logits against the float model and top-1 agreement with it, on 64 other
   crops (SQNR = 10 log10(sum(ref^2) / sum((ref - q)^2)));
@@ -65,7 +65,8 @@ def bnq_quantize(model_path: Path, calib: Path, output: Path) -> None:
 
 QUANTIZERS = {"bnq": bnq_quantize} | {
     f"ort {types}": (lambda model, calib, output, types=types:
-                     ort_quantize(model, np.load(calib)["input"], output, types=types))
+                     ort_quantize(model, np.load(calib)["input"], output, types=types,
+                                  preprocess=True))
     for types in ORT_TYPES}
 WATCHED = ("DequantizeLinear", "QuantizeLinear", "Transpose", "BatchNormalization", "Concat",
            "AveragePool")

@@ -55,14 +55,19 @@ from bnq.machine import IntegerFormats
 from bnq.observers import Observer, make_observer
 from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
 from bnq.rewrites import fold_average_pool
-from bnq.quantization import QuantParams, quantize, weight_qparams
+from bnq.quantization import QuantParams, quant_range, quantize, weight_qparams
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 # Ops whose integer kernels in onnxruntime beat float: their activation inputs and outputs are
 # quantized. Left out, as measured slower than float on the sample (onnxruntime 1.32, AVX2):
 # QLinearAveragePool (13x slower than AveragePool) and QLinearAdd around it.
-QUANTIZED_IO = ("GlobalAveragePool", "MaxPool", "Relu")
+QUANTIZED_IO = ("GlobalAveragePool", "MaxPool")
+# Activations that onnxruntime folds into the QuantizeLinear after them (its ReluQuantFusion and
+# ClipQuantFusion) when the quantized range lies inside theirs: after a Conv/Gemm/MatMul only their
+# output is quantized, and the convolution's integer output is clamped by the range itself
+# (ReLU6 in MobileNets). A Clip qualifies with constant bounds, min <= 0 <= max.
+ACTIVATIONS = ("Relu", "Clip")
 # Ops that move values without changing them: their output reuses their input's parameters.
 PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
@@ -106,6 +111,7 @@ class _Plan:
     bn_inputs: list[str]  # BN inputs that get their own per-channel observer
     concat_sources: dict[str, onnx.NodeProto]  # BN input -> the Concat of quantized branches
     shapes: dict[str, tuple[int, int]]  # tensor -> (rank, channels), where shape inference knows
+    clips: dict[str, tuple[float, float]]  # a Clip's output -> its bounds, which its range respects
     producers: dict[str, onnx.NodeProto]
 
 
@@ -152,6 +158,8 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                    progress=progress)
     qparams = {name: observer.qparams(activation)
                for name, observer in observed.accumulator.observers.items()}
+    for name, bounds in plan.clips.items():
+        qparams[name] = _inside(qparams[name], *bounds)
     for alias, source in plan.aliases.items():
         qparams[alias] = qparams[source]
     quantized, weights = _rewrite(fused, plan, qparams, formats)
@@ -223,18 +231,23 @@ def _plan(model: onnx.ModelProto) -> _Plan:
         if any(r.op_type in WEIGHTED + QUANTIZED_IO for r in readers.get(value.name, [])):
             want(value.name)
     batch_norms = []
+    clips = {}
     for node in graph.node:
+        bounds = _activation_bounds(node, constants)
         if node.domain == ops.DOMAIN and node.op_type == "BatchNormRelu":
             batch_norms.append(node)
         elif node.op_type in WEIGHTED and node.input[1] in constants:
             want(node.input[0])
             after = readers.get(node.output[0], [])
-            if not (len(after) == 1 and after[0].op_type == "Relu"):
-                want(node.output[0])  # else the Relu's output is quantized: onnxruntime fuses it
+            if not (len(after) == 1 and _activation_bounds(after[0], constants)):
+                want(node.output[0])  # else the activation's output: onnxruntime fuses it
+        elif bounds is not None:  # onnxruntime folds it into the quantizer after it
+            want(node.output[0])
+            if node.op_type == "Clip":
+                clips[node.output[0]] = bounds
         elif node.op_type in QUANTIZED_IO:
-            if node.op_type != "Relu":  # onnxruntime folds a Relu into the quantizer after it
-                for name in node.input:
-                    want(name)
+            for name in node.input:
+                want(name)
             want(node.output[0])
     bn_outputs = {node.output[0] for node in batch_norms}
     activations = [name for name in wanted if name not in bn_outputs]
@@ -256,7 +269,33 @@ def _plan(model: onnx.ModelProto) -> _Plan:
             concat_sources[x] = concat
         elif x not in bn_inputs:
             bn_inputs.append(x)
-    return _Plan(activations, aliases, batch_norms, bn_inputs, concat_sources, shapes, writers)
+    return _Plan(activations, aliases, batch_norms, bn_inputs, concat_sources, shapes, clips,
+                 writers)
+
+
+def _activation_bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]
+                       ) -> tuple[float, float] | None:
+    """(min, max) of a Relu or of a Clip with constant bounds and min <= 0 <= max, else None."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    if node.op_type != "Clip" or not all(name in constants for name in node.input[1:] if name):
+        return None
+    names = list(node.input[1:]) + ["", ""]
+    low = float(constants[names[0]]) if names[0] else -float("inf")
+    high = float(constants[names[1]]) if names[1] else float("inf")
+    return (low, high) if low <= 0 <= high else None
+
+
+def _inside(q: QuantParams, low: float, high: float) -> QuantParams:
+    """`q` with its scale lowered by ulps until its whole range, as onnxruntime computes it in
+    float32 (`scale * (qmax - zero_point)`), lies inside [low, high]: then a Clip of those bounds
+    before the quantizer changes no code, and onnxruntime drops it."""
+    qmin, qmax = quant_range(q.dtype)
+    scale, zero_point = np.float32(q.scale), np.float32(q.zero_point)
+    while (scale * (np.float32(qmax) - zero_point) > high
+           or scale * (np.float32(qmin) - zero_point) < low):
+        scale = np.nextafter(scale, np.float32(0))
+    return dataclasses.replace(q, scale=np.asarray(scale))
 
 
 def _channel_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
