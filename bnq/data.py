@@ -291,8 +291,11 @@ class SampleData:
         if len(actual) != len(expected) or any(
                 e is not None and e != a for e, a in zip(expected, actual)):
             shown = ["?" if e is None else e for e in spec.shape]
+            whole = tuple(actual) == spec.shape  # a tensor per sample where the model takes one
             raise DataError(f"{member.where}: samples of shape {list(actual)}, but model input "
-                            f"{spec.name!r} takes {shown} (batch first)")
+                            f"{spec.name!r} takes {shown} (batch first)" + (
+                                "; it has no batch axis (a parameter made a graph input?): "
+                                "make it an initializer of the model" if whole else ""))
         if member.row_bytes > MAX_SAMPLE_BYTES:
             raise DataError(f"{member.where}: one sample of shape {list(actual)} takes "
                             f"{member.row_bytes} bytes, more than 1 GiB; refusing")

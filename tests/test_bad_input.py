@@ -1195,7 +1195,20 @@ RUNTIME = {
                                         ("onnxruntime cannot run the model", "Conv")),
     "already-quantized": (lambda p: p.write_bytes((p.parent / "quantized.onnx").read_bytes()),
                           "good.npy", ("quantized already", "QuantizeLinear")),
+    "bn-parameter-a-graph-input": (lambda p: onnx.save(_parameter_input(), p), "per-sample.npz",
+                                   ("'g'", "no batch axis", "initializer")),
+    "bn-parameter-a-graph-input-one-value-per-sample": (
+        lambda p: onnx.save(_parameter_input(), p), "scalars.npz",
+        ("onnxruntime cannot run the model", "input: g")),
 }
+
+
+def _parameter_input() -> onnx.ModelProto:
+    """The BN's scale `g` a graph input without a default: the data must feed it."""
+    model = small_model()
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "g"))
+    model.graph.input.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, [2]))
+    return model
 
 
 @pytest.mark.parametrize("case", RUNTIME)
@@ -1203,9 +1216,15 @@ def test_models_onnxruntime_cannot_run_fail_in_one_line(work, case):
     write, data, names = RUNTIME[case]
     np.save(work / "half.npy", samples(5, dtype=np.float16))
     np.save(work / "tiny.npy", samples(5, shape=(1, 2, 2)))
+    np.savez(work / "per-sample.npz", x=samples(4), g=np.ones((4, 2), np.float32))
+    np.savez(work / "scalars.npz", x=samples(4), g=np.ones(4, np.float32))
     write(work / "model.onnx")
     assert_fails_cleanly(work, ["calibrate", work / "model.onnx", "-d", work / data, "-o",
                                 work / "q.onnx"], names)
+    if case in ("float64", "samples-smaller-than-the-kernel"):  # the reference of evaluate too
+        line = assert_fails_cleanly(work, ["evaluate", work / "quantized.onnx", "-r",
+                                           work / "model.onnx", "-d", work / data], ())
+        assert "onnxruntime cannot" in line and "conv" in line.lower(), line
 
 
 def test_a_batch_of_images_is_sized_before_decoding(work, monkeypatch):
