@@ -497,11 +497,14 @@ def test_an_input_without_a_tensor_type_is_refused_by_the_data_commands(work):
     model = small_model()  # an unused input: the checker's type inference never sees it
     model.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.UNDEFINED, [1]))
     onnx.save(model, work / "untyped.onnx")
-    for args in (["calibrate", work / "untyped.onnx", "-d", work / "good.npy", "-o",
-                  work / "q.onnx"],
-                 ["evaluate", work / "quantized.onnx", "-r", work / "untyped.onnx", "-d",
-                  work / "good.npy"]):
+    for args in float_model_commands(work, work / "untyped.onnx"):
         assert_fails_cleanly(work, args, ("'extra'", "element type"))
+
+
+def float_model_commands(work: Path, model: Path) -> list[list]:
+    """The commands that read `model` as a float model with the good samples."""
+    return [["calibrate", model, "-d", work / "good.npy", "-o", work / "q.onnx"],
+            ["evaluate", work / "quantized.onnx", "-r", model, "-d", work / "good.npy"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1366,10 +1369,7 @@ def test_a_model_without_inputs_is_refused(work):
     model.graph.initializer.append(numpy_helper.from_array(samples(2), "x"))
     model.graph.input.remove(model.graph.input[0])
     onnx.save(model, work / "none.onnx")
-    for args in (["calibrate", work / "none.onnx", "-d", work / "good.npy", "-o",
-                  work / "q.onnx"],
-                 ["evaluate", work / "quantized.onnx", "-r", work / "none.onnx", "-d",
-                  work / "good.npy"]):
+    for args in float_model_commands(work, work / "none.onnx"):
         assert_fails_cleanly(work, args, ("good.npy", "no inputs"))
 
 
