@@ -605,7 +605,7 @@ def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
 
 
 # The terminal shows this many layers; --json and --report hold them all.
-LAYERS_SHOWN = 20
+LAYERS_SHOWN = 30
 
 
 def _render_evaluation(report: EvaluationReport, report_path: Path | None = None) -> None:

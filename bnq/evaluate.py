@@ -7,10 +7,12 @@ accuracy; every output gets SQNR, cosine and absolute errors, and an output whos
 lie in [0, 1] (a probability map) the IoU of both maps thresholded at 0.5.
 
 Per layer: every quantized activation of the quantized model against the float model's tensor
-at the same place, found from the graph's quantization nodes, not from names: the codes written
-by a QuantizeLinear of a float tensor x (compared with x), and the codes of an integer op (bnq's
-QLinearBatchNormRelu, an integer Concat, ...) read by a DequantizeLinear that writes y (compared
-with y; fusion and calibration keep the float tensor's name). The codes are fetched, not their
+at the same place, found from the graph's structure, not from names (`quantized_tensors`): the
+codes written by a QuantizeLinear of a float tensor x (compared with x), the codes of an integer
+op (bnq's QLinearBatchNormRelu, ...) read by a DequantizeLinear that writes y (compared with y;
+fusion and calibration keep the float tensor's name), and codes made from codes (a Concat of
+quantized branches), compared with the float model's node of the same type over the same
+tensors. The codes are fetched, not their
 dequantized copies: asking onnxruntime for a DequantizeLinear's output would stop it from fusing
 that node into its integer kernels and measure another model. Each layer also gets the
 histogram of its float values over its calibrated range (the codes' range dequantized) and the
@@ -118,33 +120,66 @@ class QuantizedTensor:
         return float(low.min()), float(high.max())
 
 
+_STANDARD = ("", "ai.onnx")
+
+
 def quantized_tensors(quantized: onnx.ModelProto,
-                      reference_names: set[str]) -> list[QuantizedTensor]:
-    """Every quantized activation of `quantized` whose float counterpart is in
-    `reference_names` (see the module docstring), once per float tensor, in graph order."""
+                      reference: onnx.ModelProto) -> list[QuantizedTensor]:
+    """Every quantized activation of `quantized` with a float counterpart in `reference` (see
+    the module docstring), once per float tensor, in graph order.
+
+    Integer codes and their float counterparts are found in three steps. A QuantizeLinear's
+    codes stand for its float input. An integer op's codes read by a DequantizeLinear stand for
+    that node's float output (same name in both models). Codes made from codes by another op
+    (a Concat of quantized branches, a MaxPool) stand for the output of the reference node of
+    the same type over the counterparts of its inputs. Codes are dequantized with the scale and
+    zero point of the node that made them (QuantizeLinear) or reads them: a DequantizeLinear,
+    or an op taking codes, scale and zero point as inputs 0, 1, 2 (ONNX's QLinear ops, bnq's
+    QLinearBatchNormRelu; per channel on axis 1)."""
     constants = constant_values(quantized)
     writers = producers(quantized.graph)
+    reference_names = set(producers(reference.graph)) | {v.name for v in reference.graph.input}
+    float_of: dict[str, str] = {}  # codes -> the reference's float tensor
+    params: dict[str, tuple[str, str, int]] = {}  # codes -> scale, zero point, axis
+    nodes = [node for node in quantized.graph.node if node.input and node.input[0]
+             and node.input[0] not in constants]
+    for node in nodes:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if node.domain in _STANDARD and node.op_type == "QuantizeLinear":
+            float_of[node.output[0]] = node.input[0]
+            params[node.output[0]] = (node.input[1], node.input[2], axis)
+        elif node.domain in _STANDARD and node.op_type == "DequantizeLinear":
+            params.setdefault(node.input[0], (node.input[1], node.input[2], axis))
+            if node.input[0] not in float_of and node.output[0] in reference_names:
+                float_of[node.input[0]] = node.output[0]
+        elif node.op_type.startswith("QLinear") and len(node.input) > 2:
+            params.setdefault(node.input[0], (node.input[1], node.input[2], 1))
+    def key(node: onnx.NodeProto, inputs: tuple[str, ...]) -> tuple:
+        return (node.op_type, inputs, tuple(a.SerializeToString() for a in node.attribute))
+
+    by_inputs = {key(node, tuple(node.input)): node for node in reference.graph.node}
+    for node in nodes:
+        if node.output[0] in float_of or not all(name in float_of or name in constants
+                                                 for name in node.input if name):
+            continue
+        match = by_inputs.get(key(node, tuple(float_of.get(name, name) for name in node.input)))
+        if match is not None and match.output[0] in reference_names:
+            float_of[node.output[0]] = match.output[0]
     found: dict[str, QuantizedTensor] = {}
     for node in quantized.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in (
-                "", "ai.onnx") or node.input[0] in constants:
-            continue
-        if node.op_type == "QuantizeLinear":
-            tensor, codes = node.input[0], node.output[0]
-            op = writers[tensor].op_type if tensor in writers else "input"
-        elif getattr(writers.get(node.input[0]), "op_type", None) not in ("QuantizeLinear", None):
-            tensor, codes = node.output[0], node.input[0]
-            op = writers[codes].op_type
-        else:
-            continue  # the QuantizeLinear writing these codes is the place measured
-        scale = constants.get(node.input[1])
-        zero_point = constants.get(node.input[2]) if len(node.input) > 2 else None
-        if (tensor in found or tensor not in reference_names or scale is None
-                or zero_point is None or zero_point.dtype.kind not in "iu"):
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        found[tensor] = QuantizedTensor(tensor, codes, op, scale.astype(np.float32), zero_point,
-                                        axis)
+        for codes in node.output:
+            tensor = float_of.get(codes)
+            if tensor is None or tensor in found or codes not in params:
+                continue
+            scale_name, zero_point_name, axis = params[codes]
+            scale, zero_point = constants.get(scale_name), constants.get(zero_point_name)
+            if scale is None or zero_point is None or zero_point.dtype.kind not in "iu":
+                continue
+            op = node.op_type
+            if op == "QuantizeLinear":
+                op = writers[tensor].op_type if tensor in writers else "input"
+            found[tensor] = QuantizedTensor(tensor, codes, op, scale.astype(np.float32),
+                                            zero_point, axis)
     return list(found.values())
 
 
@@ -205,8 +240,7 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
     if tuple(value.name for value in quantized.graph.output) != outputs:
         raise ArgumentError("the quantized model's outputs differ from the reference model's "
                             f"({', '.join(outputs)}): is it the quantized version of it?")
-    reference_names = set(producers(reference.graph)) | {v.name for v in reference.graph.input}
-    tensors = tuple(quantized_tensors(quantized, reference_names))
+    tensors = tuple(quantized_tensors(quantized, reference))
     fused = tuple(_fused_nodes(quantized)) if backend == "both" else ()
     inputs = {value.name for value in reference.graph.input}
     labelled = labels is not None and labels not in inputs and data.has(labels)

@@ -16,7 +16,8 @@ from bnq import load_model, save_model
 from bnq.calibrate import calibrate
 from bnq.cli import cli
 from bnq.data import SampleData, model_inputs
-from bnq.evaluate import evaluate
+from bnq.evaluate import evaluate, quantized_tensors
+from bnq.graph import with_outputs
 from bnq.machine import IntegerFormats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,3 +123,28 @@ def test_without_labels_accuracy_is_null(models, tmp_path):
     report = evaluate(quantized, reference, SampleData(tmp_path / "x.npy", model_inputs(reference),
                                                        extra_keys=("labels",)))
     assert report.top1_accuracy is None and report.samples == 40
+
+
+def test_codes_made_from_codes_are_measured_too(models):
+    """A Concat of quantized branches (integer codes, read per channel by a fused node) is
+    matched to the float model's Concat over the same branches and measured: its SQNR against
+    an independent dequantization of the codes onnxruntime gives."""
+    reference, quantized = models
+    report = evaluate(quantized, reference, eval_data(reference), num_samples=64)
+    found = next(q for q in quantized_tensors(quantized, reference) if q.op == "Concat")
+    concat = next(layer for layer in report.layers if layer.tensor == found.tensor)
+    assert next(n for n in reference.graph.node if found.tensor in n.output).op_type == "Concat"
+    node = next(n for n in quantized.graph.node if found.codes in n.output)
+    fused = next(c for c in quantized.graph.node if c.op_type == "QLinearBatchNormRelu"
+                 and c.input[0] == node.output[0])
+    constants = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    with np.load(EVAL, allow_pickle=False) as data:
+        x = data["input"][:64]
+    codes = run_ort(with_outputs(quantized, [node.output[0]]), {"input": x})[-1]
+    expected = run_ort(with_outputs(reference, [concat.tensor]), {"input": x})[-1]
+    scale, zero_point = constants[fused.input[1]], constants[fused.input[2]]
+    actual = (codes.astype(np.float32) - zero_point.astype(np.float32)[:, None, None]) \
+        * scale[:, None, None]
+    error = expected.astype(np.float64) - actual
+    assert concat.sqnr_db == pytest.approx(10 * np.log10((expected.astype(np.float64) ** 2).sum()
+                                                         / (error ** 2).sum()), rel=1e-6)
