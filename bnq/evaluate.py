@@ -169,7 +169,7 @@ def quantized_tensors(quantized: onnx.ModelProto,
     for node in quantized.graph.node:
         for codes in node.output:
             tensor = float_of.get(codes)
-            if tensor is None or tensor in found or codes not in params:
+            if tensor not in reference_names or tensor in found or codes not in params:
                 continue
             scale_name, zero_point_name, axis = params[codes]
             scale, zero_point = constants.get(scale_name), constants.get(zero_point_name)
