@@ -34,6 +34,7 @@ import onnx.inliner
 from onnx import helper, numpy_helper, version_converter
 
 from bnq import ops
+from bnq.bias_correction import BiasCorrection, correct_bias
 from bnq.data import SampleData, model_inputs
 from bnq.errors import ArgumentError, DataError, ModelError
 from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
@@ -56,6 +57,7 @@ from bnq.observers import Observer, make_observer
 from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
 from bnq.rewrites import fold_average_pool
 from bnq.quantization import QuantParams, quant_range, quantize, weight_qparams
+from bnq.rounding import round_weights, weight_axis
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -97,6 +99,8 @@ class CalibrationReport:
     body: str  # the QLinearBatchNormRelu body onnxruntime runs: "integer", "float", "double", "table"
     folded_pools: tuple[str, ...]  # AveragePool nodes folded into the 1x1 Conv before them
     plan: ExecutionPlan  # how the observation was split (the result does not depend on it)
+    weights_rounded: int  # weights whose codes GPTQ chose (bnq.rounding); the rest: nearest
+    bias_correction: BiasCorrection | None  # None when turned off
 
 
 @dataclass
@@ -116,12 +120,14 @@ class _Plan:
 def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerFormats,
               method: str = "minmax", method_options: dict | None = None, batch_size: int = 32,
               num_samples: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
-              workers: int = 1, scheduler: str | None = None,
-              progress: Callable[[float], None] | None = None
+              workers: int = 1, scheduler: str | None = None, weight_rounding: bool = False,
+              bias_correction: bool = True, progress: Callable[[float], None] | None = None
               ) -> tuple[onnx.ModelProto, CalibrationReport]:
     """Quantize `model` with ranges observed on `data`; `progress(n)` is told of the samples
-    done. `memory_limit` (bytes of activations per process), `workers` (local processes) and
-    `scheduler` (a Dask scheduler's address) split the work (`bnq.execution`), never the result."""
+    done, in each pass over the data (`weight_rounding`, GPTQ in bnq.rounding, and
+    `bias_correction`, bnq.bias_correction, make one more each). `memory_limit` (bytes of
+    activations per process), `workers` (local processes) and `scheduler` (a Dask scheduler's
+    address) split the work (`bnq.execution`), never the result."""
     if batch_size < 1:
         raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
     if num_samples is not None and num_samples < 1:
@@ -151,17 +157,22 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     make_observers()  # bad options fail here, before any work
     job = Job((fused,), ("onnxruntime",), tuple(((name,),) for name in per_channel),
               make_observers)
-    observed = run(job, data, batch_size=batch_size, num_samples=num_samples,
-                   memory_limit=memory_limit, workers=workers, scheduler=scheduler,
-                   progress=progress)
+    execute = functools.partial(run, data=data, batch_size=batch_size, num_samples=num_samples,
+                                memory_limit=memory_limit, workers=workers, scheduler=scheduler,
+                                progress=progress)
+    observed = execute(job)
     qparams = {name: observer.qparams(activation)
                for name, observer in observed.accumulator.observers.items()}
     for name, bounds in plan.clips.items():
         qparams[name] = _inside(qparams[name], *bounds)
     for alias, source in plan.aliases.items():
         qparams[alias] = qparams[source]
-    quantized, weights = _rewrite(fused, plan, qparams, formats)
+    rounded = round_weights(fused, formats, execute) if weight_rounding else {}
+    quantized, weights = _rewrite(fused, plan, qparams, formats, rounded)
     check(quantized, "the quantized model")
+    corrected = None
+    if bias_correction:
+        quantized, corrected = correct_bias(quantized, fused, execute)
     tensors = [_describe(name, "activation", method, qparams[name]) for name in plan.activations]
     tensors += [_describe(name, "bn input", method, qparams[name]) for name in plan.bn_inputs]
     tensors += [_describe(node.output[0], "bn output", method, qparams[node.output[0]])
@@ -169,7 +180,8 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
     return quantized, CalibrationReport(observed.samples, observed.batches, method, formats,
                                         fusion, tuple(tensors), op_counts(quantized),
-                                        body_for(quantized), folded_pools, observed.plan)
+                                        body_for(quantized), folded_pools, observed.plan,
+                                        len(rounded), corrected)
 
 
 def _check_model(model: onnx.ModelProto) -> None:
@@ -398,7 +410,7 @@ class _Builder:
 
 
 def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams],
-             formats: IntegerFormats) -> tuple[onnx.ModelProto, dict[str, QuantParams]]:
+             formats: IntegerFormats, rounded: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, QuantParams]]:
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
@@ -422,7 +434,8 @@ def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams
         source = node.input[0] if node.input else ""
         node = _copy_renamed(node, rename)
         if node.op_type in WEIGHTED and node.input[1] in constants:
-            weights |= _quantize_weights(build, node, constants, build.codes.get(source), formats)
+            weights |= _quantize_weights(build, node, constants, build.codes.get(source), formats,
+                                         rounded.get(node.input[1]))
         build.nodes.append(node)
         for name in node.output:
             if name in qdq:
@@ -524,21 +537,18 @@ def _emit_concat(build: _Builder, concat: onnx.NodeProto, plan: _Plan) -> None:
 
 def _quantize_weights(build: _Builder, node: onnx.NodeProto, constants: dict[str, np.ndarray],
                       source: tuple[str, np.ndarray, np.ndarray] | None,
-                      formats: IntegerFormats) -> dict[str, QuantParams]:
+                      formats: IntegerFormats, rounded: np.ndarray | None) -> dict[str, QuantParams]:
     """Replace the node's weight, and its bias when the input is quantized, by DequantizeLinear
-    of integer initializers: int8 per output channel, int32 bias at x_scale * w_scale."""
+    of integer initializers: int8 per output channel (the `rounded` codes, else the nearest),
+    int32 bias at x_scale * w_scale."""
     weight_name = node.input[1]
     weight = constants[weight_name]
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Conv":
-        axis = 0
-    elif node.op_type == "Gemm":
-        axis = 0 if attributes.get("transB", 0) else 1
-    else:
-        axis = weight.ndim - 1
+    axis = weight_axis(node, weight.ndim)
     q = weight_qparams(weight, axis=axis, dtype=np.dtype(formats.weight),
                        reduce_range=formats.reduce_range)
-    codes = build.constant(f"{weight_name}_quantized", quantize(weight, q, axis=axis))
+    codes = build.constant(f"{weight_name}_quantized",
+                           quantize(weight, q, axis=axis) if rounded is None else rounded)
     node.input[1] = build.dequantize(codes, q.scale, q.zero_point, weight_name, axis=axis)
     has_bias = len(node.input) > 2 and node.input[2] in constants
     plain_gemm = node.op_type != "Gemm" or (attributes.get("alpha", 1.0) == 1.0

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # the heavy modules (numpy, onnx, onnxruntime) load when a co
 # take 0.4 s to import); tests/test_cli.py checks them against bnq.observers.OBSERVERS,
 # bnq.runtime.BACKENDS and bnq.evaluate.BACKEND_CHOICES.
 METHODS = ("minmax", "percentile", "entropy", "mse")
+WEIGHT_ROUNDING = False  # bnq.calibrate.calibrate's defaults, checked by tests/test_cli.py too
+BIAS_CORRECTION = True
 BACKENDS = ("numpy", "onnxruntime")
 BACKEND_CHOICES = (*BACKENDS, "both")
 # More threads than 4 per core measure only the cost of creating them (4000 took minutes).
@@ -406,6 +408,14 @@ def _progress(description: str, total: int):
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="7-bit weights, which avoid u8 x s8 saturation on AVX2 CPUs without VNNI "
                    "(default: on for such CPUs).")
+@click.option("--weight-rounding/--no-weight-rounding", default=WEIGHT_ROUNDING,
+              show_default=True,
+              help="Round Conv/Gemm/MatMul weights by their effect on the layer's output on "
+                   "DATA (GPTQ) instead of to the nearest code; one more pass over DATA.")
+@click.option("--bias-correction/--no-bias-correction", default=BIAS_CORRECTION,
+              show_default=True,
+              help="Correct each Conv/Gemm's int32 bias by the mean output shift quantization "
+                   "causes on DATA; one more pass over DATA.")
 @_execution_options
 @_force_option
 @_json_option
@@ -413,8 +423,9 @@ def _progress(description: str, total: int):
 def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path, method: str,
                       percentile: float, batch_size: int, num_samples: int | None,
                       activation_type: str | None, weight_type: str, reduce_range: bool | None,
-                      memory_limit: int, workers: int, scheduler: str | None, force: bool,
-                      as_json: bool, **image: Any) -> None:
+                      weight_rounding: bool, bias_correction: bool, memory_limit: int,
+                      workers: int, scheduler: str | None, force: bool, as_json: bool,
+                      **image: Any) -> None:
     """Quantize MODEL (float, fused or not) with ranges calibrated on DATA.
 
     Conv/Gemm/MatMul get int8 weights per output channel and quantized activations (QDQ, which
@@ -434,12 +445,14 @@ def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path,
     samples = _open_samples(ctx, data, float_model, image)
     formats = _formats(activation_type, weight_type, reduce_range)
     options = {"percentile": percentile} if method == "percentile" else {}
-    total = min(num_samples or samples.num_samples, samples.num_samples)
+    passes = 1 + weight_rounding + bias_correction
+    total = min(num_samples or samples.num_samples, samples.num_samples) * passes
     with _progress("calibrating", total) as progress:
         quantized, report = calibrate(
             float_model, samples, formats=formats, method=method, method_options=options,
             batch_size=batch_size, num_samples=num_samples, memory_limit=memory_limit,
-            workers=workers, scheduler=scheduler,
+            workers=workers, scheduler=scheduler, weight_rounding=weight_rounding,
+            bias_correction=bias_correction,
             progress=lambda n: progress.advance(progress.task_ids[0], n))
     text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
                                           **dataclasses.asdict(report)},
@@ -491,6 +504,14 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
     if report.folded_pools:
         out.print(f"[bold]pooling[/]: {len(report.folded_pools)} AveragePool folded into the "
                   "1x1 convolution before it (one strided convolution: stays integer)")
+    if report.weights_rounded:
+        out.print(f"[bold]weight rounding[/]: {report.weights_rounded} weights rounded by their "
+                  "effect on the layer's output (GPTQ)")
+    if report.bias_correction is not None:
+        corrected = report.bias_correction
+        out.print(f"[bold]bias correction[/]: {corrected.layers} layers, mean output shift "
+                  f"removed {corrected.mean_abs_shift:.3g} on average, "
+                  f"{corrected.max_abs_shift:.3g} at most")
     table = _table("Quantized tensors", "tensor", "role", "granularity", "range", "scale",
                    "zero point", right=("range", "scale", "zero point"))
     for tensor in report.tensors:

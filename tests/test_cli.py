@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -97,6 +98,7 @@ def test_help_loads_no_heavy_module():
 
 def test_choices_spelled_in_the_cli_match_the_registries():
     from bnq import cli as cli_module
+    from bnq.calibrate import calibrate
     from bnq.evaluate import BACKEND_CHOICES
     from bnq.observers import OBSERVERS
     from bnq.runtime import BACKENDS
@@ -105,6 +107,9 @@ def test_choices_spelled_in_the_cli_match_the_registries():
     assert cli_module.BACKENDS == tuple(BACKENDS)
     assert cli_module.BACKEND_CHOICES == tuple(BACKEND_CHOICES)
     assert set(cli_module.BODY_WORDS) == set(BODIES)
+    defaults = inspect.signature(calibrate).parameters
+    assert cli_module.WEIGHT_ROUNDING == defaults["weight_rounding"].default
+    assert cli_module.BIAS_CORRECTION == defaults["bias_correction"].default
 
 
 def test_arguments_of_the_other_mode_are_usage_errors():

@@ -1,0 +1,182 @@
+"""Bias correction: remove the mean error that quantization adds to each Conv / Gemm output.
+
+Rounding a layer's weights (and its input) shifts the mean of its outputs, channel by channel;
+the next layers see that shift as a bias and pass it on. For each quantized Conv or Gemm with an
+int32 bias (``b = b_q * s_b``, ``s_b = x_scale * w_scale[c]``), the shift is measured on the
+calibration data, layer by layer with the float model's input to the layer (NNCF's fast bias
+correction does the same)::
+
+    y  = Conv(x, W) + b                                   # the float layer
+    y' = Conv(DQ(Q(x)), DQ(W_q)) + b                       # quantized input and weights
+    d[c] = mean over samples and positions of (y'[c] - y[c])
+    b_q[c] <- b_q[c] - rint(d[c] / s_b[c])                 # int32, saturating
+
+One onnxruntime run per batch computes every ``d``: the float model, plus for each layer a copy
+that reads the float tensor through its quantizer and the dequantized integer weights, and a
+``ReduceMean`` of the difference. The integer formats and the graph are unchanged; only int32
+bias initializers get new values.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnq.execution import Job, RunResult
+from bnq.graph import NameScope, check, constant_values, producers
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """What bias correction changed: layers corrected and the mean shifts it removed."""
+
+    layers: int
+    mean_abs_shift: float  # mean over layers and channels of |d|, in the layers' output units
+    max_abs_shift: float
+
+
+@dataclass(frozen=True)
+class _Layer:
+    node: onnx.NodeProto  # the quantized Conv / Gemm
+    source: str  # the float tensor its input quantizer reads
+    input_qdq: tuple[np.ndarray, np.ndarray]  # per-tensor scale, zero point of that input
+    weight: np.ndarray  # dequantized weight, float32
+    bias_codes: str  # the int32 initializer
+    bias_scale: np.ndarray
+    axes: list[int]  # output axes averaged over (all but the channel axis 1)
+
+
+def correct_bias(quantized: onnx.ModelProto, reference: onnx.ModelProto,
+                 execute: Callable[[Job], RunResult]) -> tuple[onnx.ModelProto, BiasCorrection]:
+    """``quantized`` with its int32 biases corrected by the mean shifts measured against
+    ``reference``, the float model it was quantized from (fused, same tensor names); ``execute``
+    runs a job over the calibration data (``bnq.execution.run`` with the data and options)."""
+    layers = _layers(quantized, reference)
+    if not layers:
+        return quantized, BiasCorrection(0, 0.0, 0.0)
+    probe, names = _probe(reference, layers)
+    job = Job((probe,), ("onnxruntime",), ((tuple(names),),), functools.partial(_Shifts, names))
+    sums = execute(job).accumulator
+    shifts = [sums.sums[name] / sums.count for name in names]
+    result = onnx.ModelProto()
+    result.CopyFrom(quantized)
+    initializers = {tensor.name: tensor for tensor in result.graph.initializer}
+    info = np.iinfo(np.int32)
+    for layer, shift in zip(layers, shifts):
+        tensor = initializers[layer.bias_codes]
+        codes = numpy_helper.to_array(tensor).astype(np.int64)
+        codes -= np.rint(shift / layer.bias_scale).astype(np.int64)
+        tensor.CopyFrom(numpy_helper.from_array(np.clip(codes, info.min, info.max)
+                                                .astype(np.int32), tensor.name))
+    check(result, "the bias-corrected model")
+    flat = np.abs(np.concatenate(shifts))
+    return result, BiasCorrection(len(layers), float(flat.mean()), float(flat.max()))
+
+
+class _Shifts:
+    """Accumulator of ``bnq.execution``: the layers' mean shifts, weighted by samples."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.sums = {name: 0.0 for name in names}
+        self.count = 0
+
+    def update(self, batch, fetched, groups) -> None:
+        count = len(next(iter(batch.values())))
+        for name, mean in fetched[0].items():
+            self.sums[name] = self.sums[name] + mean.astype(np.float64) * count
+        self.count += count
+
+    def merge(self, other: _Shifts) -> None:
+        for name, total in other.sums.items():
+            self.sums[name] = self.sums[name] + total
+        self.count += other.count
+
+
+def _layers(quantized: onnx.ModelProto, reference: onnx.ModelProto) -> list[_Layer]:
+    """The Conv / Gemm nodes with an int32 bias and a per-tensor quantized input whose float
+    source and output exist in ``reference``."""
+    constants = constant_values(quantized)
+    writers = producers(quantized.graph)
+    float_names = {name for node in reference.graph.node for name in node.output}
+    float_names |= {value.name for value in reference.graph.input}
+    found = []
+    for node in quantized.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+            continue
+        if node.op_type == "Gemm" and any(a.name in ("alpha", "beta", "transA")
+                                          and helper.get_attribute_value(a) not in (1, 1.0, 0)
+                                          for a in node.attribute):
+            continue
+        x_dq, w_dq, b_dq = (writers.get(name) for name in node.input[:3])
+        if not all(n is not None and n.op_type == "DequantizeLinear" for n in (x_dq, w_dq, b_dq)):
+            continue
+        if b_dq.input[0] not in constants or constants[b_dq.input[0]].dtype != np.int32:
+            continue
+        x_scale, x_zero_point = (constants.get(name) for name in x_dq.input[1:3])
+        if x_scale is None or x_zero_point is None or x_scale.ndim:
+            continue
+        before = writers.get(x_dq.input[0])
+        source = before.input[0] if before is not None and before.op_type == "QuantizeLinear" \
+            else x_dq.output[0]  # a fused BN-ReLU's codes: its float output keeps this name
+        if source not in float_names or node.output[0] not in float_names:
+            continue
+        w_codes, w_scale, w_zero_point = (constants[name] for name in w_dq.input[:3])
+        w_axis = next((helper.get_attribute_value(a) for a in w_dq.attribute
+                       if a.name == "axis"), 1)
+        shape = [1] * w_codes.ndim
+        shape[w_axis] = -1
+        weight = ((w_codes.astype(np.float32) - w_zero_point.reshape(shape).astype(np.float32))
+                  * w_scale.reshape(shape)).astype(np.float32)
+        rank = weight.ndim if node.op_type == "Conv" else 2
+        found.append(_Layer(node, source, (x_scale, x_zero_point), weight, b_dq.input[0],
+                            constants[b_dq.input[1]].astype(np.float64),
+                            [0, *range(2, rank)]))
+    return found
+
+
+def _probe(reference: onnx.ModelProto, layers: list[_Layer]) -> tuple[onnx.ModelProto, list[str]]:
+    """``reference`` plus, per layer, the quantized layer on the float input and the per-channel
+    mean of its output minus the float layer's, as graph outputs (their names returned)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(reference)
+    graph = probe.graph
+    scope = NameScope(graph)
+    writers = producers(graph)
+    names = []
+    for layer in layers:
+        node, base = layer.node, layer.node.output[0]
+
+        def constant(suffix, array):
+            name = scope.fresh(f"{base}_{suffix}")
+            graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+            return name
+
+        scale = constant("x_scale", layer.input_qdq[0])
+        zero_point = constant("x_zero_point", layer.input_qdq[1])
+        codes = scope.fresh(f"{base}_x_codes")
+        x = scope.fresh(f"{base}_x_dequantized")
+        y = scope.fresh(f"{base}_quantized_layer")
+        diff = scope.fresh(f"{base}_error")
+        mean = scope.fresh(f"{base}_mean_error")
+        float_bias = writers[base].input[2]  # the float layer's bias, as in the reference
+        graph.node.extend([
+            helper.make_node("QuantizeLinear", [layer.source, scale, zero_point], [codes],
+                             name=scope.fresh(f"{base}_probe_quantize")),
+            helper.make_node("DequantizeLinear", [codes, scale, zero_point], [x],
+                             name=scope.fresh(f"{base}_probe_dequantize")),
+            helper.make_node(node.op_type, [x, constant("weight", layer.weight),
+                                            float_bias], [y],
+                             name=scope.fresh(f"{base}_probe_layer"),
+                             **{a.name: helper.get_attribute_value(a) for a in node.attribute}),
+            helper.make_node("Sub", [y, base], [diff], name=scope.fresh(f"{base}_probe_sub")),
+            helper.make_node("ReduceMean", [diff, constant("axes", np.array(layer.axes))],
+                             [mean], keepdims=0, name=scope.fresh(f"{base}_probe_mean")),
+        ])
+        graph.output.append(helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, None))
+        names.append(mean)
+    return probe, names

@@ -1,0 +1,82 @@
+"""Bias correction: the mean output shift of the first Conv (whose quantized input is the float
+input through its quantizer, so the shift measured is the shift the quantized model has) is
+removed down to half a bias step per channel; the model passes the checker and keeps its
+structure and formats."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+from graphs import make_model, run_ort
+from onnx import helper, numpy_helper
+
+from bnq.bias_correction import correct_bias
+from bnq.execution import run
+from bnq.calibrate import calibrate
+from bnq.data import SampleData, model_inputs
+from bnq.graph import op_counts, producers, with_outputs
+from bnq.machine import IntegerFormats
+
+FORMATS = IntegerFormats("uint8", "int8", True, "tests")
+
+
+def conv_relu_model(rng):
+    """Conv 3x3 (8 -> 16) -> Relu -> Conv 1x1 (16 -> 4): weights with a large mean, so that
+    7-bit rounding shifts the output means."""
+    w1 = (rng.standard_normal((16, 8, 3, 3)) * 0.2 + 0.05).astype(np.float32)
+    w2 = (rng.standard_normal((4, 16, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"])]
+    return make_model(nodes, [("x", ["N", 8, 10, 10])], [("y", ["N", 4, 10, 10])], opset=19,
+                      initializers={"w1": w1, "b1": np.zeros(16, np.float32), "w2": w2,
+                                    "b2": np.zeros(4, np.float32)})
+
+
+def first_conv_shift(model, reference, x):
+    """Per-channel mean of the first Conv's output, quantized model minus float model."""
+    quantized = run_ort(with_outputs(model, ["c1"]), {"x": x})[-1]
+    expected = run_ort(with_outputs(reference, ["c1"]), {"x": x})[-1]
+    return (quantized - expected).mean(axis=(0, 2, 3))
+
+
+def test_first_conv_mean_shift_removed(tmp_path):
+    rng = np.random.default_rng(0)
+    model = conv_relu_model(rng)
+    x = (rng.standard_normal((64, 8, 10, 10)) + 0.5).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    data = SampleData(tmp_path / "calib.npz", model_inputs(model))
+    plain, _ = calibrate(model, data, formats=FORMATS, weight_rounding=False,
+                         bias_correction=False)
+    corrected, report = correct_bias(plain, model, functools.partial(run, data=data,
+                                                                     batch_size=16))
+    onnx.checker.check_model(corrected, full_check=True)
+    assert op_counts(corrected) == op_counts(plain)
+    assert report.layers == 2
+    writers = producers(corrected.graph)
+    conv = next(node for node in corrected.graph.node if node.output[0] == "c1")
+    bias_scale = numpy_helper.to_array(next(
+        t for t in corrected.graph.initializer if t.name == writers[conv.input[2]].input[1]))
+    before = first_conv_shift(plain, model, x)
+    after = first_conv_shift(corrected, model, x)
+    assert np.abs(before).max() > 4 * bias_scale.max()  # the shift was there
+    np.testing.assert_array_less(np.abs(after), bias_scale / 2 + 1e-6 * np.abs(before).max())
+    # the integer bias holds the correction, in the quantized model's codes
+    codes = {t.name: numpy_helper.to_array(t) for t in corrected.graph.initializer}
+    old = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
+    name = writers[conv.input[2]].input[0]
+    assert codes[name].dtype == np.int32
+    np.testing.assert_array_equal(codes[name], old[name] - np.rint(before / bias_scale))
+
+
+def test_calibrate_reports_bias_correction(tmp_path):
+    rng = np.random.default_rng(1)
+    model = conv_relu_model(rng)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8, 10, 10)).astype(np.float32))
+    data = SampleData(tmp_path / "calib.npz", model_inputs(model))
+    _, on = calibrate(model, data, formats=FORMATS)
+    _, off = calibrate(model, data, formats=FORMATS, bias_correction=False)
+    assert on.bias_correction.layers == 2 and on.bias_correction.max_abs_shift > 0
+    assert off.bias_correction is None
