@@ -48,7 +48,7 @@ class _Layer:
     weight: np.ndarray  # dequantized weight, float32
     bias_codes: str  # the int32 initializer
     bias_scale: np.ndarray
-    axes: list[int]  # output axes averaged over (all but the channel axis 1)
+    axes: list[int]  # output axes averaged over per sample (the spatial axes of a Conv)
 
 
 def correct_bias(quantized: onnx.ModelProto, reference: onnx.ModelProto,
@@ -61,8 +61,8 @@ def correct_bias(quantized: onnx.ModelProto, reference: onnx.ModelProto,
         return quantized, BiasCorrection(0, 0.0, 0.0)
     probe, names = _probe(reference, layers)
     job = Job((probe,), ("onnxruntime",), ((tuple(names),),), functools.partial(_Shifts, names))
-    sums = execute(job).accumulator
-    shifts = [sums.sums[name] / sums.count for name in names]
+    accumulator = execute(job).accumulator
+    shifts = [accumulator.mean(name) for name in names]
     result = onnx.ModelProto()
     result.CopyFrom(quantized)
     initializers = {tensor.name: tensor for tensor in result.graph.initializer}
@@ -79,22 +79,23 @@ def correct_bias(quantized: onnx.ModelProto, reference: onnx.ModelProto,
 
 
 class _Shifts:
-    """Accumulator of ``bnq.execution``: the layers' mean shifts, weighted by samples."""
+    """Accumulator of ``bnq.execution``: each sample's per-channel mean shift, kept in sample
+    order (units merge in order), so that the means, and the model, are the same bit for bit
+    however the work is split into micro-batches, passes and workers."""
 
     def __init__(self, names: list[str]) -> None:
-        self.sums = {name: 0.0 for name in names}
-        self.count = 0
+        self.samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
 
     def update(self, batch, fetched, groups) -> None:
-        count = len(next(iter(batch.values())))
-        for name, mean in fetched[0].items():
-            self.sums[name] = self.sums[name] + mean.astype(np.float64) * count
-        self.count += count
+        for name, shifts in fetched[0].items():
+            self.samples[name].append(shifts)
 
     def merge(self, other: _Shifts) -> None:
-        for name, total in other.sums.items():
-            self.sums[name] = self.sums[name] + total
-        self.count += other.count
+        for name, parts in other.samples.items():
+            self.samples[name].extend(parts)
+
+    def mean(self, name: str) -> np.ndarray:
+        return np.concatenate(self.samples[name]).astype(np.float64).mean(axis=0)
 
 
 def _layers(quantized: onnx.ModelProto, reference: onnx.ModelProto) -> list[_Layer]:
@@ -135,13 +136,14 @@ def _layers(quantized: onnx.ModelProto, reference: onnx.ModelProto) -> list[_Lay
         rank = weight.ndim if node.op_type == "Conv" else 2
         found.append(_Layer(node, source, (x_scale, x_zero_point), weight, b_dq.input[0],
                             constants[b_dq.input[1]].astype(np.float64),
-                            [0, *range(2, rank)]))
+                            list(range(2, rank))))
     return found
 
 
 def _probe(reference: onnx.ModelProto, layers: list[_Layer]) -> tuple[onnx.ModelProto, list[str]]:
-    """``reference`` plus, per layer, the quantized layer on the float input and the per-channel
-    mean of its output minus the float layer's, as graph outputs (their names returned)."""
+    """``reference`` plus, per layer, the quantized layer on the float input and, per sample and
+    channel, the mean of its output minus the float layer's, as graph outputs (their names
+    returned)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(reference)
     graph = probe.graph
@@ -174,9 +176,13 @@ def _probe(reference: onnx.ModelProto, layers: list[_Layer]) -> tuple[onnx.Model
                              name=scope.fresh(f"{base}_probe_layer"),
                              **{a.name: helper.get_attribute_value(a) for a in node.attribute}),
             helper.make_node("Sub", [y, base], [diff], name=scope.fresh(f"{base}_probe_sub")),
-            helper.make_node("ReduceMean", [diff, constant("axes", np.array(layer.axes))],
-                             [mean], keepdims=0, name=scope.fresh(f"{base}_probe_mean")),
         ])
+        if layer.axes:  # (N, C, ...) -> (N, C); a Gemm's (N, C) difference is that already
+            graph.node.append(helper.make_node(
+                "ReduceMean", [diff, constant("axes", np.array(layer.axes))], [mean], keepdims=0,
+                name=scope.fresh(f"{base}_probe_mean")))
+        else:
+            mean = diff
         graph.output.append(helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, None))
         names.append(mean)
     return probe, names

@@ -18,7 +18,9 @@ the integer formats and the model's graph are those of round to nearest.
 
 H is accumulated over the calibration batches from the float model's layer inputs (one more
 run over the data, split by ``bnq.execution`` under its memory limit); 2-D Conv (any stride, padding, dilation and group count), Gemm and
-MatMul with constant weights. Other layers keep round to nearest.
+MatMul with constant weights. Other layers keep round to nearest. H is summed per micro-batch
+in float64, so, unlike the ranges, the codes can differ in rare near-ties between splits of the
+work (micro-batches, workers).
 """
 
 from __future__ import annotations
