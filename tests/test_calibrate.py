@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 from bnq import load_model
 from bnq.calibrate import calibrate
 from bnq.data import SampleData, model_inputs
+from bnq.evaluate import evaluate
 from bnq.graph import op_counts
 from bnq.machine import IntegerFormats
 
@@ -138,3 +139,77 @@ def test_matmul_weights_are_quantized_per_column(tmp_path):
     assert op_counts(quantized)["QLinearBatchNormRelu"] == 1
     feeds = {"x": rng.standard_normal((32, 6)).astype(np.float32)}
     assert sqnr_db(run_ort(model, feeds)[0], run_ort(quantized, feeds)[0]) > 35.63 - MARGIN_DB
+
+
+# What "integer from end to end" means in onnxruntime's optimized graph (NHWC layout, fused QDQ):
+INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QLinearAveragePool",
+               "NhwcMaxPool", "MaxPool", "Concat", "QGemm"}
+
+
+def optimized_graph(model: onnx.ModelProto, tmp_path: Path) -> onnx.GraphProto:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(tmp_path / "optimized.onnx").graph
+
+
+@pytest.mark.parametrize("name", ["tiny_densenet", "tiny_mobilenet"])
+def test_densenet_and_mobilenet_run_integer_from_end_to_end(tmp_path, name):
+    """No float BatchNormalization, Clip or DequantizeLinear in what onnxruntime runs; every
+    Concat joins integer tensors; the only Transposes are the input image's (after its
+    QuantizeLinear) and the pooled vector's (before Flatten), none between two integer ops."""
+    model = load_model(ROOT / "tests" / "models" / f"{name}.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input=rng.normal(size=(32, 3, 16, 16)).astype(np.float32))
+    data = SampleData(tmp_path / "calib.npz", model_inputs(model))
+    quantized, report = calibrate(model, data, formats=IntegerFormats("uint8", "int8", False, "tests"))
+    if name == "tiny_densenet":  # MobileNets have no BN left after folding
+        assert report.body == "integer" and report.folded_pools
+        assert evaluate(quantized, model, data, backend="both").backend_max_lsb_diff == 0
+    graph = optimized_graph(quantized, tmp_path)
+    counts = op_counts_of(graph)
+    assert not {"BatchNormalization", "Clip", "DequantizeLinear", "Relu", "AveragePool"} & set(counts)
+    assert counts["QuantizeLinear"] == 1  # the input image
+    writers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    for node in graph.node:
+        if node.op_type == "Concat":
+            assert all(writers[value].op_type in INTEGER_OPS for value in node.input)
+        if node.op_type == "Transpose":
+            before = writers[node.input[0]].op_type
+            after = {reader.op_type for reader in readers[node.output[0]]}
+            assert before not in INTEGER_OPS or not after <= INTEGER_OPS, (before, after)
+    assert counts["Transpose"] <= 2
+    expected = {"tiny_densenet": {"QLinearConv": 16, "Concat": 6},
+                "tiny_mobilenet": {"QLinearConv": 7, "QLinearAdd": 1}}[name]
+    assert {op: counts[op] for op in expected} == expected
+
+
+def op_counts_of(graph: onnx.GraphProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_clip_ranges_lie_inside_the_clip_so_onnxruntime_drops_it():
+    """A Clip(0, c) output observed up to exactly c, where the float32 scale c / 255 times 255
+    lands above c (3.990102 is such a c): the scale is lowered by an ulp, as onnxruntime checks
+    `scale * (qmax - zero_point) <= c` before it removes the Clip."""
+    from bnq.calibrate import _inside
+    from bnq.quantization import qparams_from_range
+
+    c = np.float32(3.990102)
+    q = qparams_from_range(0.0, c, np.uint8)
+    assert np.float32(q.scale) * np.float32(255) > c
+    inside = _inside(q, 0.0, float(c))
+    assert np.float32(inside.scale) * np.float32(255) <= c
+    assert np.nextafter(np.float32(inside.scale), np.float32(1)) == np.float32(q.scale)
+    assert _inside(qparams_from_range(0.0, 5.0, np.uint8), 0.0, 6.0).scale == \
+        qparams_from_range(0.0, 5.0, np.uint8).scale

@@ -20,6 +20,10 @@ keeps every BatchNormalization node (the default settings fold Conv -> BN away).
 - ``bn_shared.onnx``: negative cases for BN+Relu fusion: BNs read by a Relu and an Add, and BNs
   that are also graph outputs (``conv_bn_output``, ``bn_output``); one of each follows a Conv
   (folding it stays valid), the other is standalone (after Add, after MaxPool).
+- ``tiny_densenet.onnx``: DenseNet-121's structure in small (two dense blocks, a transition with
+  Conv 1x1 + AvgPool 2x2 between them, global pooling, Linear head).
+- ``tiny_mobilenet.onnx``: MobileNetV2's structure in small (Conv-BN-ReLU6, inverted residual
+  blocks with depthwise convolutions, a residual Add, global pooling, Linear head).
 - ``dynamo_densenet.onnx``: the densenet_block model through ``dynamo=True, optimize=False`` at
   opset 18 (its lowest native one). Unlike the legacy export, a Conv without bias (the stem's,
   which BN follows, among them) gets a computed zero bias (Shape -> Expand of a CastLike'd
@@ -188,6 +192,71 @@ class SharedBatchNorm(nn.Module):
         return torch.relu(p), w, p
 
 
+class TinyDenseNet(nn.Module):
+    """DenseNet-121's shape in small: Conv-BN-Relu stem, MaxPool, dense layers (BN-Relu-Conv1x1-
+    BN-Relu-Conv3x3 on the Concat of every earlier output), a transition (BN-Relu-Conv1x1-
+    AvgPool 2x2) between two blocks, a final BN-Relu, global pooling and a Linear head."""
+
+    def __init__(self, stem=8, growth=4, layers=2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(stem), nn.ReLU(), nn.MaxPool2d(2))
+        channels = stem
+        self.block1, channels = self.block(channels, growth, layers), channels + layers * growth
+        self.transition = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(),
+                                        nn.Conv2d(channels, channels // 2, 1, bias=False),
+                                        nn.AvgPool2d(2))
+        channels //= 2
+        self.block2, channels = self.block(channels, growth, layers), channels + layers * growth
+        self.norm = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 10)
+
+    @staticmethod
+    def block(channels, growth, layers):
+        return nn.ModuleList(nn.Sequential(
+            nn.BatchNorm2d(channels + i * growth), nn.ReLU(),
+            nn.Conv2d(channels + i * growth, 2 * growth, 1, bias=False),
+            nn.BatchNorm2d(2 * growth), nn.ReLU(),
+            nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)) for i in range(layers))
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for block in (self.block1, self.block2):
+            for layer in block:
+                features.append(layer(torch.cat(features, 1)))
+            if block is self.block1:
+                features = [self.transition(torch.cat(features, 1))]
+        y = torch.relu(self.norm(torch.cat(features, 1)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+class TinyMobileNet(nn.Module):
+    """MobileNetV2's shape in small: Conv-BN-ReLU6 stem, an inverted residual block (pointwise
+    expansion, depthwise 3x3, linear pointwise projection, each with BN; ReLU6 after the first two)
+    with its residual Add, another block without, global pooling and a Linear head."""
+
+    def __init__(self, channels=8, expand=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU6())
+        self.blocks = nn.ModuleList(self.inverted(channels, channels * expand) for _ in range(2))
+        self.head = nn.Linear(channels, 10)
+
+    @staticmethod
+    def inverted(channels, hidden):
+        return nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.blocks[0](x)
+        x = self.blocks[1](x)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 # name -> (model factory, example input shape, output names)
 FIXTURES = {
     "densenet_block": (DenseNetBlock, (2, 3, 8, 8), ["output"]),
@@ -196,6 +265,8 @@ FIXTURES = {
     "bn1d": (BatchNorm1dModel, (2, 4, 12), ["output"]),
     "bn3d": (BatchNorm3dModel, (2, 2, 4, 6, 6), ["output"]),
     "bn_shared": (SharedBatchNorm, (2, 4, 6, 6), ["output", "conv_bn_output", "bn_output"]),
+    "tiny_densenet": (TinyDenseNet, (2, 3, 16, 16), ["output"]),
+    "tiny_mobilenet": (TinyMobileNet, (2, 3, 16, 16), ["output"]),
 }
 
 
