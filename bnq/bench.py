@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnq import ops
 from bnq.errors import ArgumentError
-from bnq.kernels import BnReluPlan
+from bnq.kernels import BnReluPlan, quantized_batch_norm_relu
 from bnq.limits import check_size
 from bnq.machine import Machine, describe
 from bnq.ops import DOMAIN
@@ -147,10 +147,15 @@ def bench_kernel(shape=(32, 64, 56, 56), threads=1, repeats=15, seed=0) -> Kerne
                ArgumentError, "use a smaller shape")
     rng = np.random.default_rng(seed)
     x, p = _random_case(shape, rng)
-    plan = BnReluPlan(p["x_scale"], p["x_zero_point"], p["weight"], p["bias"],
-                      p["running_mean"], p["running_var"], p["eps"], p["y_scale"],
-                      p["y_zero_point"])
+    params = [p[k] for k in ("x_scale", "x_zero_point", "weight", "bias", "running_mean",
+                             "running_var", "eps", "y_scale", "y_zero_point")]
+    plan = BnReluPlan(*params)
+    plan(x), plan(x)  # a plan's second large input plans its fast path
     paths = {"bnq": (lambda a: plan(a, threads), None),
+             # the one-call function, parameters seen before (its plan cache) and never seen
+             "bnq-one-call": (lambda a: quantized_batch_norm_relu(a, *params, threads=threads),
+                              None),
+             "bnq-first-call": (lambda a: BnReluPlan(*params)(a, threads), None),
              "numpy-float": (lambda a: _numpy_float(a, p), None),
              "onnxruntime-qdq": (_ort_runner(_ort_model(p, len(shape), fused=False), threads), None),
              "onnxruntime-bnq-function": (_ort_runner(_ort_model(p, len(shape), fused=True),

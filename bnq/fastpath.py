@@ -29,6 +29,7 @@ is made, fastest first; a channel takes the first one that is exact, else keeps 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,14 @@ _BLOCK = 1 << 17            # elements per block: fewer Python calls; int32 buff
 # per-channel strategies
 _TABLE, _CONST, _FLOAT, _FLOAT_I16, _I32 = 0, 1, 2, 3, 4
 _I16_BOUND = 30000.0        # |line value| below this for every code: its int16 cast is exact
+_GOLDEN = (np.sqrt(5.0) - 1) / 2
+
+
+def _put(full: np.ndarray, rows: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """A copy of `full` with `part` at `rows`."""
+    full = full.astype(np.result_type(full, part), copy=True)
+    full[rows] = part
+    return full
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,9 @@ class _Arith:
     zlo: np.ndarray
     zhi: np.ndarray
     clip_out: np.ndarray
+
+
+_ARITH_DTYPES = (np.int64,) * 5 + (bool, np.int64, np.int64, bool)   # _Arith's fields, in order
 
 
 def _search_constants(z: np.ndarray, slope: np.ndarray, limit: int, shifts
@@ -132,10 +144,16 @@ def _float_lines(z: np.ndarray, codes: np.ndarray, slope: np.ndarray, exact_ends
 
     slope = np.asarray(slope, np.float64)
     left, right = slope - np.abs(slope) / 16 - 1e-3, slope + np.abs(slope) / 16 + 1e-3
-    for _ in range(80):
-        m1, m2 = left + (right - left) / 3, right - (right - left) / 3
-        up = margin(m1)[0] < margin(m2)[0]
-        left, right = np.where(up, m1, left), np.where(up, right, m2)
+    # golden-section search: one margin evaluation per step, the bracket shrinking by 0.618
+    x1, x2 = right - _GOLDEN * (right - left), left + _GOLDEN * (right - left)
+    f1, f2 = margin(x1)[0], margin(x2)[0]
+    for _ in range(70):
+        up = f1 < f2                                            # the maximum is right of x1
+        left, right = np.where(up, x1, left), np.where(up, right, x2)
+        new = np.where(up, left + _GOLDEN * (right - left), right - _GOLDEN * (right - left))
+        f_new = margin(new)[0]
+        x1, f1, x2, f2 = (np.where(up, x2, new), np.where(up, f2, f_new),
+                          np.where(up, new, x1), np.where(up, f_new, f1))
     a = ((left + right) / 2).astype(np.float32)
     width, b = margin(a.astype(np.float64))
     with np.errstate(invalid="ignore"):
@@ -173,40 +191,26 @@ class FastPath:
         arith = monotone & ~constant
         self._const = self._byte_table[:, 0].copy()
         lo, hi = _plateaus(y, codes)
+        self._y, self._codes, self._plateau_lo, self._plateau_hi = y, codes, lo, hi
         self._lo = lo.astype(self.in_dtype)
         self._hi = hi.astype(self.in_dtype)
-        # FLOAT: clamp the code to [lo, hi], L = a * c + b in float32, cast to uint8 (= floor,
-        # as 0 <= L < 256); only for uint8 output, whose byte is y itself.
-        a, b, width = _float_lines(y, codes, self.alpha, exact_ends=True)
-        clamped = np.clip(codes[None, :], lo[:, None], hi[:, None]).astype(np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            values = clamped * a[:, None] + b[:, None]
-        fits = ((values >= 0) & (values < 256)).all(axis=1) & (width > 0)
-        use_float = arith & fits & (self.out_dtype == np.uint8)
-        # FLOAT_I16: L over every code (no clamp), cast to int16, clipped to the output range,
-        # narrowed to its low byte; z = y + 256 is positive and has y's byte.
-        a16, b16, width16 = _float_lines(y + 256, codes, self.alpha, exact_ends=False)
-        bound = np.abs(a16.astype(np.float64)) * 255 + np.abs(b16)   # |c| <= 255
-        use_float_i16 = arith & (width16 > 0) & (bound < _I16_BOUND)
-        self._a, self._b, self._a16, self._b16 = a, b, a16, b16
+        # Each strategy's constants are searched only for the channels that the faster ones
+        # before it left (most channels take the first), then re-checked on all 256 codes.
+        self._kind = np.where(constant, _CONST, _TABLE)
+        self._a = self._b = self._a16 = self._b16 = np.zeros(channels, np.float32)
         self._zlo = (y.min(axis=1) + 256).astype(np.int16)
         self._zhi = (y.max(axis=1) + 256).astype(np.int16)
-        # I32 (the fallback when no float line has a safe margin): integer constants
-        out_lo = int(np.iinfo(self.out_dtype).min)
-        offset = 256 + out_lo % 256                    # output byte = (y - out_lo + offset) % 256
-        z = y - out_lo + offset
-        found32, self._arith = _search_constants(z, self.alpha, 1 << 31, range(30, 7, -1))
-        candidates = [(_FLOAT, use_float), (_FLOAT_I16, use_float_i16), (_I32, arith & found32)]
-        self._usable = dict(candidates)                # constants exist (before the re-check)
-        self._kind = np.where(constant, _CONST, _TABLE)
-        # try the strategies fastest first; re-check each on all 256 codes, keep what is exact
+        self._arith = _Arith(*(np.zeros(channels, dtype) for dtype in _ARITH_DTYPES))
         probe = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, channels, 256)).copy()
         got = np.empty_like(probe)
         pending = arith.copy()
-        for kind, usable in candidates:
+        for kind in (_FLOAT, _FLOAT_I16, _I32):
+            rows = np.flatnonzero(pending)
+            if rows.size == 0:
+                break
+            usable = np.zeros(channels, bool)
+            usable[rows] = self._plan_rows(kind, rows)
             trial = pending & usable
-            if not trial.any():
-                continue
             self._kind = np.where(trial, kind, self._kind)
             self._steps_cache = None
             self.apply(probe, got)
@@ -214,6 +218,36 @@ class FastPath:
             self._kind = np.where(trial & ~exact, _TABLE, self._kind)
             pending &= ~(trial & exact)
         self._steps_cache = None
+
+    def _plan_rows(self, kind: int, rows: np.ndarray) -> np.ndarray:
+        """Constants of strategy `kind` for channels `rows`, stored in place; returns where they
+        exist (before the re-check)."""
+        codes, alpha = self._codes, self.alpha[rows]
+        y, lo, hi = self._y[rows], self._plateau_lo[rows], self._plateau_hi[rows]
+        if kind == _FLOAT:
+            # clamp the code to [lo, hi], L = a * c + b in float32, cast to uint8 (= floor, as
+            # 0 <= L < 256); only for uint8 output, whose byte is y itself.
+            a, b, width = _float_lines(y, codes, alpha, exact_ends=True)
+            clamped = np.clip(codes[None, :], lo[:, None], hi[:, None]).astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                values = clamped * a[:, None] + b[:, None]
+            self._a, self._b = _put(self._a, rows, a), _put(self._b, rows, b)
+            fits = ((values >= 0) & (values < 256)).all(axis=1) & (width > 0)
+            return fits & (self.out_dtype == np.uint8)
+        if kind == _FLOAT_I16:
+            # L over every code (no clamp), cast to int16, clipped to the output range, narrowed
+            # to its low byte; z = y + 256 is positive and has y's byte.
+            a16, b16, width16 = _float_lines(y + 256, codes, alpha, exact_ends=False)
+            self._a16, self._b16 = _put(self._a16, rows, a16), _put(self._b16, rows, b16)
+            bound = np.abs(a16.astype(np.float64)) * 255 + np.abs(b16)   # |c| <= 255
+            return (width16 > 0) & (bound < _I16_BOUND)
+        # I32 (the fallback when no float line has a safe margin): integer constants
+        out_lo = int(np.iinfo(self.out_dtype).min)
+        offset = 256 + out_lo % 256                    # output byte = (y - out_lo + offset) % 256
+        found, arith = _search_constants(y - out_lo + offset, alpha, 1 << 31, range(30, 7, -1))
+        self._arith = _Arith(*(_put(full, rows, part) for full, part in
+                               zip(dataclasses.astuple(self._arith), dataclasses.astuple(arith))))
+        return found
 
     @property
     def strategies(self) -> dict[str, int]:

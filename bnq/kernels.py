@@ -205,6 +205,7 @@ class BnReluPlan:
                                  self.out_dtype)
         self._byte_table = self.table.view(np.uint8)
         self._flat_table = np.ascontiguousarray(self._byte_table).ravel()
+        self._seen_large = False
 
     @functools.cached_property
     def fast_path(self) -> FastPath:
@@ -238,6 +239,13 @@ class BnReluPlan:
         if n * xb.shape[2] < _SMALL:
             offsets = (np.arange(c, dtype=np.intp) * 256)[:, None]
             np.take(self._flat_table, xb + offsets, out=ob)
+        elif "fast_path" not in self.__dict__ and not self._seen_large:
+            # the first large input: a gather per channel, about PyTorch's speed, rather than
+            # planning the fast path (several times the apply time), which a plan used once
+            # would never earn back; a second large input plans it
+            self._seen_large = True
+            for ch in range(c):
+                np.take(self._byte_table[ch], xb[:, ch], out=ob[:, ch])
         else:
             fast = self.fast_path
             parts = min(threads, c)
@@ -271,6 +279,20 @@ def quantized_batch_norm_relu(x, x_scale, x_zero_point, weight, bias, running_me
     for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                         ("running_var", running_var)):
         _finite_vector(value, name, channels)
-    plan = BnReluPlan(x_scale, x_zero_point, weight, bias, running_mean, running_var, eps,
-                      y_scale, y_zero_point, in_dtype=in_dtype, out_dtype=out_dtype)
+    params = (x_scale, x_zero_point, weight, bias, running_mean, running_var, eps, y_scale,
+              y_zero_point)
+    key = (in_dtype.str, None if out_dtype is None else np.dtype(out_dtype).str) + tuple(
+        (np.asarray(p).dtype.str, np.shape(p), np.asarray(p).tobytes()) for p in params)
+    plan = _PLANS.pop(key, None)
+    if plan is None:
+        plan = BnReluPlan(*params, in_dtype=in_dtype, out_dtype=out_dtype)
+        while len(_PLANS) >= _PLANS_KEPT:
+            _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan                                  # most recently used last
     return plan(x, threads)
+
+
+# Plans of the latest parameter sets: a layer called again with the same parameters (the usual
+# case) skips the table and the fast path's planning.
+_PLANS: dict[tuple, BnReluPlan] = {}
+_PLANS_KEPT = 8

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnq import fastpath
+from bnq import fastpath, kernels
 from bnq.errors import ArgumentError
 from bnq.kernels import BnReluPlan, fma_float32, quantized_batch_norm_relu
 
@@ -270,7 +270,7 @@ def test_forced_fast_path_equals_table_on_every_code(in_dtype, out_dtype, gain, 
     fast = plan.fast_path
     code = {"float": fastpath._FLOAT, "float_int16": fastpath._FLOAT_I16,
             "int32": fastpath._I32}[kind]
-    usable = fast._usable[code] & (fast._kind != fastpath._CONST)
+    usable = fast._plan_rows(code, np.arange(c)) & (fast._kind != fastpath._CONST)
     # exact plateau ends are rare for the clamped float line when steps skip output values
     assert usable.sum() >= (1 if kind == "float" and gain > 1 else c // 2)
     fast._kind = np.where(usable, code, fastpath._TABLE)
@@ -333,3 +333,30 @@ def test_threads_split_channels_without_changing_a_code():
     for threads in (2, 3, 8):
         np.testing.assert_array_equal(plan(x, threads), expected)
     np.testing.assert_array_equal(expected, plan.table[np.arange(5)[None, :, None, None], x])
+
+
+def test_a_plan_gathers_its_first_large_input_and_plans_the_fast_path_on_the_second():
+    case = _large_case(np.uint8, 1.0)
+    x = case.pop("x")
+    plan = BnReluPlan(**case)
+    expected = plan.table[np.arange(x.shape[1])[None, :, None, None], x]
+    np.testing.assert_array_equal(plan(x), expected)
+    assert "fast_path" not in plan.__dict__               # planning would cost more than it saves
+    np.testing.assert_array_equal(plan(x), expected)
+    assert "fast_path" in plan.__dict__ and plan.strategies["table"] <= 1
+
+
+def test_the_one_call_function_reuses_the_plan_of_parameters_it_has_seen(monkeypatch):
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    case = _large_case(np.uint8, 1.0)
+    x = case.pop("x")
+    first = quantized_batch_norm_relu(x, **case)
+    (plan,) = kernels._PLANS.values()
+    np.testing.assert_array_equal(quantized_batch_norm_relu(x, **case), first)
+    assert list(kernels._PLANS.values()) == [plan]
+    other = dict(case, bias=np.asarray(case["bias"]) + 0.5)   # other values: another plan
+    assert not np.array_equal(quantized_batch_norm_relu(x, **other), first)
+    assert len(kernels._PLANS) == 2
+    for shift in range(kernels._PLANS_KEPT):                  # the oldest plans are dropped
+        quantized_batch_norm_relu(x, **dict(case, bias=np.asarray(case["bias"]) + shift + 1))
+    assert len(kernels._PLANS) == kernels._PLANS_KEPT and plan not in kernels._PLANS.values()
