@@ -11,7 +11,9 @@ The Python API is what the `bnq` command runs:
                                       y_scale, y_zero_point)
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 # Where each public name lives; imported on first use, so that `import bnq` (and `bnq --help`)
 # does not pay for numpy, onnx and onnxruntime (0.4 s) before a command needs them.
@@ -36,6 +38,20 @@ def __getattr__(name: str):
     value = getattr(import_module(_API[name]), name)
     globals()[name] = value
     return value
+
+
+class _Package(ModuleType):
+    """`bnq.calibrate` and `bnq.evaluate` stay the functions: importing the submodules of the
+    same names (the CLI does, and `from bnq.calibrate import ...`) makes Python bind each
+    submodule on its parent package, over the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, ModuleType) and _API.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
