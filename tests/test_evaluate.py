@@ -100,6 +100,26 @@ def test_both_backends_agree_code_for_code_on_every_fused_node(models):
     assert len(checked) == 6 and all(layer.backend_max_lsb_diff == 0 for layer in checked)
 
 
+def test_the_numpy_backend_gives_the_same_figures(models, tmp_path):
+    """`evaluate --backend numpy` runs the quantized model with onnx's reference evaluator and
+    bnq's kernels: the same figures as onnxruntime, to float rounding."""
+    reference, quantized = models
+    save_model(quantized, tmp_path / "q.onnx")
+    reports = {}
+    for backend in ("numpy", "onnxruntime"):
+        result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "q.onnx"), "-r", str(SAMPLE),
+                                          "-d", str(EVAL), "--num-samples", "64", "--backend",
+                                          backend, "--json"])
+        assert result.exit_code == 0, result.output
+        reports[backend] = json.loads(result.stdout)
+    numpy_report, ort_report = reports["numpy"], reports["onnxruntime"]
+    assert numpy_report["backend"] == "numpy" and numpy_report["samples"] == 64
+    assert numpy_report["top1_accuracy"] == ort_report["top1_accuracy"]
+    assert numpy_report["sqnr_db"] == pytest.approx(ort_report["sqnr_db"], abs=0.01)
+    assert [(n["node"], round(n["sqnr_db"], 2)) for n in numpy_report["per_node"]] == \
+        [(n["node"], round(n["sqnr_db"], 2)) for n in ort_report["per_node"]]
+
+
 def test_cli_json_has_the_documented_keys(models, tmp_path):
     reference, quantized = models
     save_model(quantized, tmp_path / "q.onnx")

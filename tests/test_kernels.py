@@ -310,6 +310,29 @@ def test_large_input_matches_torch(torch, in_dtype, gain):
     assert_matches_torch(_run(case), case)
 
 
+def test_the_recheck_rejects_wrong_constants(monkeypatch):
+    """The safety net: float lines off by 0.75 of a step on half the channels, with a margin
+    that claims they fit. The plan's re-check on all 256 codes rejects them, those channels
+    take another path, and every code still equals the table."""
+    real = fastpath._float_lines
+
+    def wrong_lines(z, codes, slope, exact_ends):
+        a, b, width = real(z, codes, slope, exact_ends)
+        return a, np.where(np.arange(len(b)) % 2 == 0, b + np.float32(0.75), b), width
+
+    monkeypatch.setattr(fastpath, "_float_lines", wrong_lines)
+    rng = np.random.default_rng(5)
+    c = 16
+    plan = BnReluPlan(**_plan_case(rng, c, np.uint8, np.uint8, 1.0))
+    fast = plan.fast_path
+    offered = (np.arange(c) % 2 == 0) & fast._usable[fastpath._FLOAT]  # wrong, yet offered
+    assert offered.sum() >= c // 4
+    assert (fast._kind[offered] != fastpath._FLOAT).all()            # and refused
+    assert np.isin(fast._kind[np.arange(c) % 2 == 1], [fastpath._FLOAT, fastpath._CONST]).all()
+    x = np.tile(np.arange(256, dtype=np.uint8), (2, c, 9))    # every code, the blocked path
+    np.testing.assert_array_equal(plan(x), plan.table[np.arange(c)[None, :, None], x])
+
+
 def test_float_lines_margin_and_range():
     """The FLOAT path's line stays inside [0, 256) after the clamp and has a positive margin."""
     rng = np.random.default_rng(3)

@@ -17,6 +17,7 @@ from bnq.qops import (
     MIN_OPSET,
     OP_TYPE,
     QLinearBatchNormRelu,
+    body_for,
     direct_body_is_exact,
     direct_function,
     float_output_scale,
@@ -154,30 +155,51 @@ def test_function_needs_opset_19():
         qlinear_bn_relu_function(17)
 
 
-def test_a_nudged_output_scale_makes_the_float_body_exact():
-    """Some parameter sets round differently in float32 mul-then-add than in PyTorch's FMA; the
-    calibrator then moves y_scale by a few ulps, which makes the fast float body exact."""
+ARGS = ("x_scale", "x_zero_point", "weight", "bias", "running_mean", "running_var", "eps",
+        "y_scale", "y_zero_point")
+
+
+def float_body_inexact_case():
+    """Typical 64-channel parameters for which the float body is not exact as they stand (its
+    float32 mul-then-add rounds unlike PyTorch's FMA on some code), and every channel and code
+    of all 256 as input."""
     rng = np.random.default_rng(0)
-    for _ in range(200):  # find parameters where the float body is not exact as they stand
+    for _ in range(200):
         p = dict(x_scale=np.float32(rng.uniform(0.005, 0.05)), x_zero_point=np.uint8(128),
                  weight=rng.normal(1, 0.3, 64).astype(np.float32),
                  bias=rng.normal(0, 0.5, 64).astype(np.float32),
                  running_mean=rng.normal(0, 0.5, 64).astype(np.float32),
                  running_var=rng.uniform(0.2, 2, 64).astype(np.float32), eps=1e-5,
                  y_scale=np.float32(rng.uniform(0.005, 0.05)), y_zero_point=np.uint8(0))
-        args = [p[k] for k in ("x_scale", "x_zero_point", "weight", "bias", "running_mean",
-                               "running_var", "eps", "y_scale", "y_zero_point")]
-        if not direct_body_is_exact(BnReluPlan(*args), p["x_zero_point"], p["y_zero_point"],
-                                    "float"):
-            break
-    else:
-        pytest.fail("no parameter set needed a nudge")
-    scale = float_output_scale(*args)
+        if not direct_body_is_exact(BnReluPlan(*(p[k] for k in ARGS)), p["x_zero_point"],
+                                    p["y_zero_point"], "float"):
+            x = rng.integers(0, 256, (2, 64, 16, 16)).astype(np.uint8)
+            x[1] = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every code in every channel
+            return p, x
+    pytest.fail("no parameter set needed a nudge")
+
+
+def test_the_double_body_where_the_float_body_is_inexact():
+    """Where the float body would give a wrong code, the chosen body is the double one, and
+    onnxruntime and the reference evaluator give the kernel's codes on every input code."""
+    p, x = float_body_inexact_case()
+    model = make_model(4, 64, np.uint8, p, body="chosen")
+    assert body_for(model) == "double"
+    assert run_all(make_model(4, 64, np.uint8, p, body="float"), x)[0].tolist() != \
+        kernel(x, p).tolist()  # onnxruntime's float body is wrong here: the choice matters
+    for got in run_all(model, x):
+        np.testing.assert_array_equal(got, kernel(x, p))
+
+
+def test_a_nudged_output_scale_makes_the_float_body_exact():
+    """Some parameter sets round differently in float32 mul-then-add than in PyTorch's FMA; the
+    calibrator then moves y_scale by a few ulps, which makes the fast float body exact."""
+    p, x = float_body_inexact_case()
+    scale = float_output_scale(*(p[k] for k in ARGS))
     assert scale != p["y_scale"] and abs(scale / p["y_scale"] - 1) < 1e-5
     p["y_scale"] = scale
     model = make_model(4, 64, np.uint8, p, body="float")
-    x = rng.integers(0, 256, (2, 64, 16, 16)).astype(np.uint8)
-    x[1] = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every code in every channel
+    assert body_for(model) == "float"
     for got in run_all(model, x):
         np.testing.assert_array_equal(got, kernel(x, p))
 

@@ -95,3 +95,29 @@ def test_bad_backend_and_feeds():
         run_model(model, {}, backend="onnxruntime")
     with pytest.raises(DataError, match="'x' is not an input"):
         run_model(model, {"input": np.zeros((1, 1, 8, 8), np.float32), "x": np.zeros(1)})
+
+
+def test_numpy_backend_runs_a_quantized_model_code_for_code_like_onnxruntime():
+    """The numpy backend (onnx's reference evaluator, bnq's kernel for the fused nodes) on a
+    quantized model: every fused node's output codes equal onnxruntime's (its function body),
+    and the logits agree to float rounding."""
+    from bnq.calibrate import calibrate
+    from bnq.data import SampleData, model_inputs
+    from bnq.graph import with_outputs
+    from bnq.machine import IntegerFormats
+
+    model = load_model(os.path.join(SAMPLES, "digits_cnn.onnx"))
+    data = SampleData(os.path.join(SAMPLES, "calib.npz"), model_inputs(model))
+    quantized, _ = calibrate(model, data, formats=IntegerFormats("uint8", "int8", True, ""),
+                             num_samples=64)
+    codes = [n.output[0] for n in quantized.graph.node if n.op_type == "QLinearBatchNormRelu"]
+    probe = with_outputs(quantized, codes)
+    with np.load(os.path.join(SAMPLES, "eval.npz"), allow_pickle=False) as samples:
+        feeds = {"input": samples["input"][:32]}
+    numpy_out = run_model(probe, feeds, backend="numpy")
+    ort_out = run_model(probe, feeds, backend="onnxruntime", threads=1)
+    assert len(codes) == 6 and len(numpy_out) == 1 + len(codes)
+    for got, expected in zip(numpy_out[1:], ort_out[1:], strict=True):
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(numpy_out[0], ort_out[0], rtol=1e-5, atol=1e-5)
