@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from bnq import fastpath, kernels
 from bnq.errors import ArgumentError
-from bnq.kernels import BnReluPlan, fma_float32, quantized_batch_norm_relu
+from bnq.kernels import BnReluPlan, fma_float32, fused_params, quantized_batch_norm_relu
 
 RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}
 
@@ -30,12 +30,8 @@ def reference(x, x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale, y
     y = np.empty(x.shape, out_dtype)
     table = {}
     for c in range(channels):
-        inv_sigma = _f32(1.0 / float(np.sqrt(np.float32(var[c]) + np.float32(eps))))
-        gain = _f32(np.float32(inv_sigma) * np.float32(weight[c]))
-        alpha = _f32(gain * (float(x_scale[c]) / float(y_scale)))
-        shift = _f32(np.float32(bias[c]) - np.float32(np.float32(mean[c]) * np.float32(inv_sigma))
-                     * np.float32(weight[c]))
-        beta = _f32(shift / float(y_scale))
+        alpha, beta = reference_params(x_scale[c], weight[c], bias[c], mean[c], var[c], eps,
+                                       y_scale)
         for code in range(RANGES[x.dtype.type][0], RANGES[x.dtype.type][1] + 1):
             exact = Fraction(alpha) * (code - int(x_zero_point[c])) + Fraction(beta)
             v = _round_float32(exact)
@@ -44,6 +40,17 @@ def reference(x, x_scale, x_zero_point, weight, bias, mean, var, eps, y_scale, y
     for index in np.ndindex(x.shape):
         y[index] = table[index[1], int(x[index])]
     return y
+
+
+def reference_params(x_scale, weight, bias, mean, var, eps, y_scale) -> tuple[float, float]:
+    """One channel's (alpha, beta), written out from PyTorch's compute_fused_params: float32
+    sqrt and products, the reciprocal and both divisions in double."""
+    inv_sigma = _f32(1.0 / float(np.sqrt(np.float32(var) + np.float32(eps))))
+    gain = _f32(np.float32(inv_sigma) * np.float32(weight))
+    alpha = _f32(gain * (float(x_scale) / float(y_scale)))
+    shift = _f32(np.float32(bias) - np.float32(np.float32(mean) * np.float32(inv_sigma))
+                 * np.float32(weight))
+    return alpha, _f32(shift / float(y_scale))
 
 
 def _round_float32(exact: Fraction) -> float:
@@ -175,6 +182,22 @@ def assert_matches_torch(y, case):
     np.testing.assert_array_equal(y, torch_reference(*(case[k] for k in (
         "x", "x_scale", "x_zero_point", "weight", "bias", "running_mean", "running_var", "eps",
         "y_scale", "y_zero_point"))))
+
+
+def test_fused_params_against_the_written_out_formula():
+    """alpha and beta bit for bit on 2000 random channels: a float32 scale ratio (instead of
+    PyTorch's double) changes alpha on many of them, even where no output code moves."""
+    rng = np.random.default_rng(2)
+    n = 2000
+    x_scale = np.exp(rng.uniform(-8, 2, n)).astype(np.float32)
+    y_scale = np.float32(np.exp(rng.uniform(-8, 2)))
+    weight, bias, mean = (rng.normal(0, 2, n).astype(np.float32) for _ in range(3))
+    var = rng.uniform(0, 3, n).astype(np.float32)
+    alpha, beta = fused_params(weight, bias, mean, var, 1e-5, x_scale, y_scale)
+    expected = [reference_params(*args, 1e-5, y_scale)
+                for args in zip(x_scale, weight, bias, mean, var)]
+    np.testing.assert_array_equal(alpha, np.array([a for a, _ in expected], np.float32))
+    np.testing.assert_array_equal(beta, np.array([b for _, b in expected], np.float32))
 
 
 def test_fma_float32_against_fractions():

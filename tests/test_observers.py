@@ -220,6 +220,32 @@ def test_threshold_search_against_brute_force(method, relu):
                 assert qp.rmin[row] in [np.float32(max(-i * w, obs.min_val[row])) for i in near]
 
 
+def brute_mse_symmetric(hist, i, amax, steps):
+    """brute_mse for a symmetric range [-t, t], t = min(i, amax) bins: its step is 2 t / steps."""
+    step = 2 * min(i, amax) / steps
+    return sum(count * (step ** 2 / 12 if j < i else (j + 0.5 - i) ** 2 + 1 / 12)
+               for j, count in enumerate(hist))
+
+
+def test_mse_symmetric_search_against_brute_force():
+    """mse with symmetric parameters (int8, zero point 0): the threshold minimises the
+    expected error of a range twice as wide as the threshold, 254 steps across it."""
+    rng = np.random.default_rng(6)
+    x = rng.laplace(size=(400, 2, 20)).astype(np.float32) * np.float32([[[1], [0.01]]])
+    obs = observed("mse", True, [x], bins=512)
+    qp = obs.qparams(np.int8, symmetric=True)
+    for row in range(2):
+        hist, w = magnitude(obs, row)
+        amax = max(-obs.min_val[row], obs.max_val[row]) / w
+        nonzero = hist.copy()
+        nonzero[0] -= np.count_nonzero(x[:, row] == 0)
+        cost = {i: brute_mse_symmetric(nonzero, i, amax, 254) for i in range(1, len(hist) + 1)}
+        best = min(cost.values())
+        near = [i for i, c in cost.items() if c <= best + 1e-9 * abs(best) + 1e-12]
+        assert qp.rmax[row] in [np.float32(min(i * w, amax * w)) for i in near], row
+        assert qp.rmax[row] < amax * w  # the long tail is clipped
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_entropy_keeps_the_bulk_of_a_relu_output(per_channel):
     """On ReLU(N(0, s**2)) channels, half of each exact zeros, the threshold is above the 99th
