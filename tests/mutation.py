@@ -128,7 +128,7 @@ MUTANTS = [
     Mutant("calibrate-bn-input-per-tensor", "bnq/calibrate.py",
            "per_channel=True, **(method_options or {}))",
            "per_channel=False, **(method_options or {}))",
-           ("tests/test_calibrate.py",), "BN inputs after Add / pooling quantized per tensor"),
+           ("tests/test_calibrate.py",), "BN inputs after pooling quantized per tensor"),
     Mutant("calibrate-gemm-axis", "bnq/calibrate.py",
            'axis = 0 if attributes.get("transB", 0) else 1',
            'axis = 1 if attributes.get("transB", 0) else 0',
