@@ -158,7 +158,8 @@ def test_default_formats_follow_the_cpu_unless_told(tmp_path, monkeypatch, cpu, 
 def test_json_report_keys(tmp_path):
     report, model = calibrate(tmp_path, *FIXED)
     assert set(report) == {"model", "output", "samples", "batches", "method", "formats",
-                           "fusion", "folded_pools", "tensors", "ops_after", "body", "plan"}
+                           "fusion", "folded_pools", "weights_rounded", "bias_correction", "tensors",
+                           "ops_after", "body", "plan"}
     assert report["batches"] == 2 and report["body"] in BODIES
     assert report["ops_after"]["QLinearBatchNormRelu"] == 6
     roles = {t["role"] for t in report["tensors"]}
