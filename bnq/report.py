@@ -156,8 +156,9 @@ def render_html(report: EvaluationReport, *, title: str, details: list[tuple[str
     def table(header: list[str], rows: list[list[str]], numeric: set[int]) -> str:
         head = "".join(f"<th>{escape(h)}</th>" for h in header)
         body = "".join(
-            "<tr>" + "".join(f'<td class="{"n" if i in numeric else "name"}">{escape(c)}</td>'
-                             for i, c in enumerate(row)) + "</tr>" for row in rows)
+            "<tr>" + "".join(f'<td class="{"n" if i in numeric else "name" if i == 0 else ""}">'
+                             f"{escape(c)}</td>" for i, c in enumerate(row)) + "</tr>"
+            for row in rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def number(value: float | None, digits: str = ".2f") -> str:
