@@ -2,9 +2,9 @@
 table, and onnxruntime's QLinearConv with them gives the NumPy kernel's codes (and PyTorch's) for
 every channel and input code, at ranks 3 to 5, for uint8 and int8."""
 
+import graphs
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -81,11 +81,7 @@ def every_code(channels, rank, dtype):
 
 
 def run_ort(model, x):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {"X": x})[0]
+    return graphs.run_ort(model, {"X": x})[0]
 
 
 @settings(max_examples=25, deadline=None)
