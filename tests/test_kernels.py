@@ -334,24 +334,23 @@ def test_large_input_matches_torch(torch, in_dtype, gain):
 
 
 def test_the_recheck_rejects_wrong_constants(monkeypatch):
-    """The safety net: float lines off by 0.75 of a step on half the channels, with a margin
-    that claims they fit. The plan's re-check on all 256 codes rejects them, those channels
-    take another path, and every code still equals the table."""
+    """The safety net: the FLOAT strategy's lines off by 0.75 of a step, with a margin that
+    claims they fit. The plan's re-check on all 256 codes rejects them, those channels take
+    another path, and every code still equals the table."""
     real = fastpath._float_lines
 
     def wrong_lines(z, codes, slope, exact_ends):
         a, b, width = real(z, codes, slope, exact_ends)
-        return a, np.where(np.arange(len(b)) % 2 == 0, b + np.float32(0.75), b), width
+        return a, (b + np.float32(0.75)) if exact_ends else b, width   # exact_ends: FLOAT's
 
     monkeypatch.setattr(fastpath, "_float_lines", wrong_lines)
     rng = np.random.default_rng(5)
     c = 16
     plan = BnReluPlan(**_plan_case(rng, c, np.uint8, np.uint8, 1.0))
     fast = plan.fast_path
-    offered = (np.arange(c) % 2 == 0) & fast._usable[fastpath._FLOAT]  # wrong, yet offered
-    assert offered.sum() >= c // 4
-    assert (fast._kind[offered] != fastpath._FLOAT).all()            # and refused
-    assert np.isin(fast._kind[np.arange(c) % 2 == 1], [fastpath._FLOAT, fastpath._CONST]).all()
+    assert fast._plan_rows(fastpath._FLOAT, np.arange(c)).sum() >= c // 4   # wrong, yet offered
+    assert not (fast._kind == fastpath._FLOAT).any()                        # and refused
+    assert (fast._kind != fastpath._TABLE).sum() >= c // 2                  # another path took them
     x = np.tile(np.arange(256, dtype=np.uint8), (2, c, 9))    # every code, the blocked path
     np.testing.assert_array_equal(plan(x), plan.table[np.arange(c)[None, :, None], x])
 
