@@ -139,7 +139,7 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 def batched(model: onnx.ModelProto, run: Runner) -> Runner:
     """`run`, fed the batches `model` accepts: with a fixed batch dimension B, a batch of N
     samples runs as N / B chunks of B, outputs concatenated along the batch axis. Before the
-    first run of each batch shape, `check_memory`."""
+    first run of each batch shape, `check_run`."""
     fixed = fixed_batch(model)
     checked: set[tuple] = set()
 
@@ -148,7 +148,7 @@ def batched(model: onnx.ModelProto, run: Runner) -> Runner:
         chunk = fixed if fixed and size != fixed else size
         shapes = {name: (chunk, *np.shape(array)[1:]) for name, array in feeds.items()}
         if tuple(shapes.items()) not in checked:
-            check_memory(model, shapes)
+            check_run(model, shapes)
             checked.add(tuple(shapes.items()))
         if chunk == size:
             return run(feeds)
@@ -163,15 +163,28 @@ def batched(model: onnx.ModelProto, run: Runner) -> Runner:
     return run_batch
 
 
-def check_memory(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse to run `model` on inputs of `input_shapes` when shape inference shows a tensor, or
-    the work buffer of a convolution, larger than bnq's memory limit (a Conv with huge pads, a
-    batch too large for the model). A convolution's buffer (onnxruntime's im2col) holds, per
-    sample, its input channels per group x kernel elements x output positions."""
+# Ops that slide a window over the spatial axes: an input smaller than the window leaves none.
+WINDOWED = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
+
+
+def check_run(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse to run `model` on inputs of `input_shapes`, naming the node, when shape inference
+    shows a windowed op left with no output positions (samples smaller than its kernel), or a
+    tensor, or the work buffer of a convolution, larger than bnq's memory limit (a Conv with
+    huge pads, a batch too large for the model). A convolution's buffer (onnxruntime's im2col)
+    holds, per sample, its input channels per group x kernel elements x output positions."""
     shapes = concrete_shapes(model, input_shapes)
     if not shapes:
         return
     writers = producers(model.graph)
+    for node in model.graph.node:
+        if node.op_type in WINDOWED and node.output[0] in shapes and node.input[0] in shapes:
+            shape, source = shapes[node.output[0]][0], shapes[node.input[0]][0]
+            if 0 in shape[2:] and 0 not in source[2:]:
+                raise ModelError(f"{node.op_type} {node_label(node)}: samples of shape "
+                                 f"{list(input_shapes[next(iter(input_shapes))][1:])} leave "
+                                 f"its input {list(source)} smaller than its window (output "
+                                 f"{list(shape)}); give samples of the size the model takes")
 
     def tensor(name: str) -> str:
         node = writers.get(name)
