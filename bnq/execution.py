@@ -31,6 +31,7 @@ fits, else single samples and the groups packed in order into as few passes as f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -273,8 +274,9 @@ def _run_in_workers(shard: _Shard, units: Sequence, workers: int,
                  for _ in range(min(workers, len(units)))]
     done: dict[int, Accumulator] = {}
     try:
-        for process in processes:
-            process.start()
+        with _ctrl_c_deferred():
+            for process in processes:
+                process.start()
         while len(done) < len(units):
             try:
                 kind, value = results.get(timeout=_POLL_SECONDS)
@@ -292,11 +294,35 @@ def _run_in_workers(shard: _Shard, units: Sequence, workers: int,
             else:
                 done[value[0]] = value[1]
     finally:
-        for process in processes:
+        tasks.cancel_join_thread()  # units no worker will take: do not wait to send them
+        started = [process for process in processes if process.pid is not None]
+        for process in started:
             if process.is_alive():
                 process.terminate()
+        for process in started:
             process.join()
     return [done[index] for index in range(len(units))]
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block raises KeyboardInterrupt when it ends (in the main thread), and
+    SIGINT stays blocked in the processes started inside it (they inherit the signal mask): a
+    Ctrl-C reaches a whole terminal's process group, and a worker it cut off while Python starts
+    would leave the caller blocked, writing the worker's job to a pipe nobody reads."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _worker(shard: _Shard, tasks, results) -> None:

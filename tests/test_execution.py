@@ -10,6 +10,9 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +198,49 @@ def test_error_sums_do_not_depend_on_the_split(shape):
     expected = reference.astype(np.float64)
     assert whole.sqnr_db() == pytest.approx(
         10 * np.log10((expected ** 2).sum() / ((expected - actual) ** 2).sum()))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.parametrize("group", [True, False])  # Ctrl-C in a terminal; kill -INT of bnq alone
+def test_ctrl_c_stops_every_worker_and_writes_nothing(tmp_path, group):
+    with np.load(CALIB) as arrays:
+        np.save(tmp_path / "many.npy", np.tile(arrays["input"], (40, 1, 1, 1)))
+    output = tmp_path / "q.onnx"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bnq", "calibrate", str(SAMPLE), "-d", str(tmp_path / "many.npy"),
+         "-o", str(output), "--workers", "2", "--batch-size", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # as in a terminal: a background job (CI, this test's runner) may ignore SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert len(workers) >= 2 and process.poll() is None
+    time.sleep(1.0)  # the workers are at work
+    if group:
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        os.kill(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted: nothing was written" in stderr.decode()
+    assert not output.exists() and not list(tmp_path.glob("*.onnx*"))
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in workers)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
