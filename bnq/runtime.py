@@ -25,7 +25,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bnq import ops
-from bnq.errors import ArgumentError, DataError, ModelError, one_line
+from bnq.errors import ArgumentError, BnqError, DataError, ModelError, one_line
 from bnq.graph import concrete_shapes, constant_values, node_label, producers
 from bnq.io import load_model
 from bnq.limits import check_size
@@ -48,7 +48,18 @@ class BatchNormRelu(OpRun):
 def numpy_runner(model: onnx.ModelProto, threads: int | None = None) -> Runner:
     """Run `model` with onnx's reference evaluator and bnq's kernels (single-threaded)."""
     evaluator = ReferenceEvaluator(model, new_ops=[BatchNormRelu, QLinearBatchNormRelu])
-    return lambda feeds: list(evaluator.run(None, dict(feeds)))
+
+    def run(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(evaluator.run(None, dict(feeds)))
+        except BnqError:
+            raise
+        except Exception as error:  # the evaluator raises whatever numpy raises in an op
+            raise ModelError(f"the numpy backend (onnx's reference evaluator) cannot run the "
+                             f"model: {type(error).__name__}: {one_line(error)}; try the "
+                             "onnxruntime backend") from error
+
+    return run
 
 
 # onnxruntime raises its own exception classes (Fail, InvalidArgument, ...), all plain Exceptions.

@@ -1266,6 +1266,32 @@ def bn_in_if_model() -> onnx.ModelProto:
     return model
 
 
+def bn_in_loop_model() -> onnx.ModelProto:
+    """The BatchNormalization + Relu of `small_model` in the body of a Loop run once, which
+    reads the Relu output and the BN parameters from the enclosing graph (a scan output, then
+    Squeeze of the iteration axis)."""
+    model = small_model()
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["body_bn"],
+                          name="body_bn"),
+         helper.make_node("Relu", ["body_bn"], ["body_out"], name="body_relu")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("body_out", TensorProto.FLOAT, None)])
+    nodes = [n for n in model.graph.node if n.name not in ("bn", "relu")]
+    nodes[2:2] = [helper.make_node("Loop", ["once", "cond"], ["stacked"], name="loop", body=body),
+                  helper.make_node("Squeeze", ["stacked", "axis0"], ["features"], name="squeeze")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int64), "once"),
+                                    numpy_helper.from_array(np.array(True), "cond"),
+                                    numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def bn_relu_of_rank(rank: int) -> onnx.ModelProto:
     shape = ["N", 2] + [2] * (rank - 2)
     params = {"g": [1.0, 0.5], "b": [0.1, 0.2], "m": [0.0, 0.3], "v": [1.0, 2.0]}
@@ -1305,6 +1331,7 @@ def local_function_model() -> onnx.ModelProto:
 
 STRUCTURES = {
     "bn-inside-if": (bn_in_if_model, (1, 4, 4)),
+    "bn-inside-loop": (bn_in_loop_model, (1, 4, 4)),
     "local-function-opset-17": (local_function_model, (1, 4, 4)),
     "rank-2": (lambda: bn_relu_of_rank(2), (2,)),
     "rank-6": (lambda: bn_relu_of_rank(6), (2, 2, 2, 2, 2)),
@@ -1320,13 +1347,17 @@ def test_unusual_graphs_calibrate_and_evaluate_on_both_backends(work, case):
     quantized = onnx.load(work / "q.onnx")
     onnx.checker.check_model(quantized, full_check=True)
     fused = sum(node.op_type == "QLinearBatchNormRelu" for node in quantized.graph.node)
-    assert fused == (0 if case == "bn-inside-if" else 1)  # a subgraph's BN stays float
+    assert fused == (0 if case.startswith("bn-inside") else 1)  # a subgraph's BN stays float
     report = json.loads(assert_works(["evaluate", work / "q.onnx", "-r", work / "m.onnx", "-d",
                                       work / "d.npy", "--backend", "both", "--json"]).stdout)
     assert report["backend_max_lsb_diff"] == (0 if fused else None)
     assert report["outputs"][0]["sqnr_db"] > 25
-    numpy = json.loads(assert_works(["evaluate", work / "q.onnx", "-r", work / "m.onnx", "-d",
-                                     work / "d.npy", "--backend", "numpy", "--json"]).stdout)
+    numpy_backend = ["evaluate", work / "q.onnx", "-r", work / "m.onnx", "-d", work / "d.npy",
+                     "--backend", "numpy", "--json"]
+    if case == "bn-inside-loop":  # onnx 1.23's reference evaluator: Squeeze fails after Loop
+        assert_fails_cleanly(work, numpy_backend, ("reference evaluator", "squeeze"))
+        return
+    numpy = json.loads(assert_works(numpy_backend).stdout)
     assert numpy["outputs"][0]["sqnr_db"] == report["outputs"][0]["sqnr_db"]
 
 
