@@ -95,6 +95,10 @@ MUTANTS = [
     Mutant("qops-beta-sign", "bnq/qops.py",
            'n("Sub", ["B", "mean_gain"], ["shift"])', 'n("Add", ["B", "mean_gain"], ["shift"])',
            ("tests/test_qops.py",), "the bodies' beta adds mean * gain"),
+    Mutant("qops-integer-check-always-exact", "bnq/qops.py",
+           "return np.array_equal(y + y_zp, plan.table.astype(np.int64))", "return True",
+           ("tests/test_qops.py", "tests/test_integer.py"),
+           "integer-body parameters accepted without the check on every code"),
     # observers
     Mutant("observers-percentile-low-end", "bnq/observers.py",
            "return (np.maximum(quantile(1 - q), self.min_val),",
@@ -126,12 +130,10 @@ MUTANTS = [
            ("tests/test_observers.py",), "QuantizeLinear rounds ties up, not to even"),
     # calibrate
     Mutant("calibrate-bn-input-per-tensor", "bnq/calibrate.py",
-           "per_channel=True, **(method_options or {}))",
-           "per_channel=False, **(method_options or {}))",
+           "{name: True for name in plan.bn_inputs}", "{name: False for name in plan.bn_inputs}",
            ("tests/test_calibrate.py",), "BN inputs after pooling quantized per tensor"),
-    Mutant("calibrate-gemm-axis", "bnq/calibrate.py",
-           'axis = 0 if attributes.get("transB", 0) else 1',
-           'axis = 1 if attributes.get("transB", 0) else 0',
+    Mutant("calibrate-gemm-axis", "bnq/rounding.py",
+           "return 0 if trans_b else 1", "return 1 if trans_b else 0",
            ("tests/test_calibrate.py",), "Gemm weights quantized along the input axis"),
     Mutant("calibrate-no-float-nudge", "bnq/calibrate.py",
            "(float_output_scale(*params), None)", "(np.float32(q.scale), None)",
@@ -164,7 +166,8 @@ MUTANTS = [
            ("tests/test_data.py",), "float64 samples not cast to the model's float32"),
     Mutant("data-num-samples-ignored", "bnq/data.py",
            "remaining = self.num_samples if num_samples is None else "
-           "min(num_samples, self.num_samples)", "remaining = self.num_samples",
+           "min(num_samples, self.num_samples)\n        remaining = min(remaining, self.num_samples"
+           " - first)", "remaining = self.num_samples - first",
            ("tests/test_data.py", "tests/test_calibrate_options.py"), "--num-samples ignored"),
     # machine and command line
     Mutant("machine-avx2-full-range", "bnq/machine.py",
