@@ -2,16 +2,20 @@
 DenseNet-121, ResNet-50 and MobileNetV2 (`benchmarks/models.py` builds them).
 
     python benchmarks/real_models.py [--models densenet121,resnet50,mobilenet_v2] [--cache DIR]
-                                     [--rounds 15] [--json OUT]
+                                     [--rounds 15] [--json OUT] [--variants bnq,ort] [--nncf]
 
-For each model, in one run: quantize it with bnq (`calibrate()`, default formats and method) and
-with quantize_static (after `quant_pre_process`, as onnxruntime recommends; QDQ, per-channel
-weights, MinMax; every type variant), all on the same 64 natural-image crops; then
+For each model, in one run: quantize it with bnq (`calibrate()`, default formats; its default,
+every `--method`, without bias correction and with weight rounding), with quantize_static (after
+`quant_pre_process`, as onnxruntime recommends; QDQ, per-channel weights; MinMax with every type
+variant, Percentile and Entropy with its default types) and, with `--nncf`, NNCF's
+post-training quantization of the ONNX model (`nncf.quantize`, its defaults: a benchmark-only
+package, pip-installed when missing), all on the same 64 natural-image crops; then
 
 - accuracy: SQNR of the logits against the float model and top-1 agreement with it, on 64 other
   crops (SQNR = 10 log10(sum(ref^2) / sum((ref - q)^2)));
 - speed: onnxruntime, one intra-op thread, batch 1, every model of the row interleaved round by
-  round (median of `--rounds`), as float time / quantized time (> 1: faster than float);
+  round (median of `--rounds`; 0 skips the timing), as float time / quantized time (> 1:
+  faster than float);
 - what onnxruntime runs: its optimized graph's DequantizeLinear, QuantizeLinear, Transpose and
   float BatchNormalization / Concat / AveragePool counts.
 
@@ -24,9 +28,14 @@ missing. The machine is shared and noisy: compare the ratios inside one run, and
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import logging
+import subprocess
+import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,35 +65,60 @@ def build(names: list[str], cache: Path) -> None:
             builders.build(name, cache / f"{name}.onnx")
 
 
-def bnq_quantize(model_path: Path, calib: Path, output: Path) -> None:
+def bnq_quantize(model_path: Path, calib: Path, output: Path, **options) -> None:
     model = bnq.load_model(model_path)
     quantized, _ = calibrate(model, SampleData(calib, model_inputs(model)),
-                             formats=default_formats(), batch_size=CALIBRATION_BATCH)
+                             formats=default_formats(), batch_size=CALIBRATION_BATCH, **options)
     bnq.save_model(quantized, output)
 
 
-QUANTIZERS = {"bnq": bnq_quantize} | {
+def nncf_quantize(model_path: Path, calib: Path, output: Path) -> None:
+    """NNCF's post-training quantization of the ONNX model, its defaults (MinMax ranges, fast
+    bias correction), on the same crops, one per calibration sample."""
+    import nncf
+
+    x = np.load(calib)["input"]
+    model = onnx.load(model_path)
+    name = model.graph.input[0].name
+    dataset = nncf.Dataset([{name: x[i:i + 1]} for i in range(len(x))])
+    quantized = nncf.quantize(model, dataset, subset_size=len(x))
+    onnx.save(quantized, output)
+
+
+BNQ = {"bnq": {}} | {f"bnq {method}": {"method": method}
+                     for method in ("percentile", "entropy", "mse")} | {
+    "bnq no bias correction": {"bias_correction": False},
+    "bnq weight rounding": {"weight_rounding": True}}
+QUANTIZERS = {label: functools.partial(bnq_quantize, **options)
+              for label, options in BNQ.items()} | {
     f"ort {types}": (lambda model, calib, output, types=types:
                      ort_quantize(model, np.load(calib)["input"], output, types=types,
                                   preprocess=True))
-    for types in ORT_TYPES}
+    for types in ORT_TYPES} | {
+    f"ort {method}": (lambda model, calib, output, method=method:
+                      ort_quantize(model, np.load(calib)["input"], output, method=method,
+                                   preprocess=True))
+    for method in ("Percentile", "Entropy")} | {"nncf": nncf_quantize}
 WATCHED = ("DequantizeLinear", "QuantizeLinear", "Transpose", "BatchNormalization", "Concat",
            "AveragePool")
 
 
-def compare(name: str, cache: Path, work: Path, rounds: int) -> list[dict]:
-    """One row per model variant: speed vs float, SQNR, agreement, op counts."""
+def compare(name: str, cache: Path, work: Path, rounds: int, quantizers: dict) -> list[dict]:
+    """One row per model variant: speed vs float, SQNR, agreement, op counts, calibration time."""
     paths = {"float": cache / f"{name}.onnx"}
-    for label, quantize in QUANTIZERS.items():
+    seconds = {}
+    for label, quantize in quantizers.items():
         paths[label] = work / f"{name}_{label.replace(' ', '_').replace('/', '_')}.onnx"
+        start = time.perf_counter()
         quantize(paths["float"], cache / "calib.npz", paths[label])
+        seconds[label] = time.perf_counter() - start
     x = np.load(cache / "eval.npz")["input"]
     sessions = {label: session(path, optimized=work / f"{path.stem}.optimized.onnx")
                 for label, path in paths.items()}
     logits = {label: s.run(None, {"input": x})[0] for label, s in sessions.items()}
     one = {"input": np.ascontiguousarray(x[:1])}
     times = interleaved({label: (lambda s=s: s.run(None, one)) for label, s in sessions.items()},
-                        rounds, calls=5)
+                        rounds, calls=5) if rounds else {label: [np.nan] for label in sessions}
     base = median(times["float"])
     rows = []
     for label, path in paths.items():
@@ -93,6 +127,7 @@ def compare(name: str, cache: Path, work: Path, rounds: int) -> list[dict]:
         reference = logits["float"]
         rows.append({
             "model": name, "variant": label, "ms": median(times[label]),
+            "calibration_s": seconds.get(label),
             "speed_vs_float": base / median(times[label]),
             "sqnr_db": None if label == "float" else sqnr(reference, logits[label]),
             "top1_agreement": float(np.mean(logits[label].argmax(1) == reference.argmax(1))),
@@ -106,7 +141,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="where the models and crops are (or go)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--variants", default="bnq,ort",
+                        help="which quantizers: labels starting with these words (bnq, ort, nncf)")
+    parser.add_argument("--nncf", action="store_true",
+                        help="also NNCF (pip-installed when missing)")
     args = parser.parse_args()
+    prefixes = tuple(args.variants.split(",")) + (("nncf",) if args.nncf else ())
+    quantizers = {label: q for label, q in QUANTIZERS.items() if label.startswith(prefixes)}
+    if "nncf" in quantizers and importlib.util.find_spec("nncf") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "nncf"], check=True)
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing advice
     print_machine()
     names = args.models.split(",")
@@ -115,13 +158,15 @@ def main() -> None:
         build(names, cache)
         rows = []
         for name in names:
-            model_rows = compare(name, cache, Path(tmp), args.rounds)
+            model_rows = compare(name, cache, Path(tmp), args.rounds, quantizers)
             rows += model_rows
             table(f"{name}: onnxruntime, 1 thread, batch 1, median of {args.rounds} interleaved "
                   "rounds; logits on 64 crops against the float model",
-                  ["variant", "ms", "speed vs float", "SQNR dB", "top-1 agree %",
-                   *(op[:12] for op in WATCHED)],
-                  [[r["variant"], f"{r['ms']:.2f}", f"{r['speed_vs_float']:.2f}",
+                  ["variant", "calibration s", "ms", "speed vs float", "SQNR dB",
+                   "top-1 agree %", *(op[:12] for op in WATCHED)],
+                  [[r["variant"],
+                    "-" if r["calibration_s"] is None else f"{r['calibration_s']:.1f}",
+                    f"{r['ms']:.2f}", f"{r['speed_vs_float']:.2f}",
                     "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}",
                     f"{100 * r['top1_agreement']:.1f}", *r["ops"].values()] for r in model_rows])
     if args.json:
