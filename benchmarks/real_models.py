@@ -2,7 +2,7 @@
 DenseNet-121, ResNet-50 and MobileNetV2 (`benchmarks/models.py` builds them).
 
     python benchmarks/real_models.py [--models densenet121,resnet50,mobilenet_v2] [--cache DIR]
-                                     [--rounds 15] [--json OUT] [--variants bnq,ort] [--nncf]
+                                     [--rounds 15] [--json OUT] [--variants 'bnq*,ort*'] [--nncf]
 
 For each model, in one run: quantize it with bnq (`calibrate()`, default formats; its default,
 every `--method`, without bias correction and with weight rounding), with quantize_static (after
@@ -28,6 +28,7 @@ missing. The machine is shared and noisy: compare the ratios inside one run, and
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import functools
 import importlib.util
 import json
@@ -141,13 +142,16 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="where the models and crops are (or go)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--variants", default="bnq,ort",
-                        help="which quantizers: labels starting with these words (bnq, ort, nncf)")
+    parser.add_argument("--variants", default="bnq*,ort*",
+                        help="which quantizers: comma-separated labels or shell patterns "
+                             "('bnq' alone, 'bnq*' every bnq variant, 'ort Q*' quantize_static "
+                             "with MinMax, 'nncf')")
     parser.add_argument("--nncf", action="store_true",
                         help="also NNCF (pip-installed when missing)")
     args = parser.parse_args()
-    prefixes = tuple(args.variants.split(",")) + (("nncf",) if args.nncf else ())
-    quantizers = {label: q for label, q in QUANTIZERS.items() if label.startswith(prefixes)}
+    patterns = args.variants.split(",") + (["nncf"] if args.nncf else [])
+    quantizers = {label: q for label, q in QUANTIZERS.items()
+                  if any(fnmatch.fnmatchcase(label, pattern) for pattern in patterns)}
     if "nncf" in quantizers and importlib.util.find_spec("nncf") is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "nncf"], check=True)
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing advice
