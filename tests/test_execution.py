@@ -219,17 +219,22 @@ def test_ctrl_c_stops_every_worker_and_writes_nothing(tmp_path, group):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         # as in a terminal: a background job (CI, this test's runner) may ignore SIGINT
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 60
-    while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    workers = _children(process.pid)
-    assert len(workers) >= 2 and process.poll() is None
-    time.sleep(1.0)  # the workers are at work
-    if group:
-        os.killpg(process.pid, signal.SIGINT)
-    else:
-        os.kill(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(process.pid)
+        assert len(workers) >= 2 and process.poll() is None
+        time.sleep(1.0)  # the workers are at work
+        if group:
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:  # a failing test leaves no process behind
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     assert process.returncode == 130, stderr
     assert "interrupted: nothing was written" in stderr.decode()
     assert not output.exists() and not list(tmp_path.glob("*.onnx*"))
