@@ -7,14 +7,19 @@ The quantized model has three kinds of quantized tensors:
   (`W = W_q * scale[c]`), held as initializers behind DequantizeLinear; biases int32 with
   `scale = x_scale * w_scale[c]` and zero point 0. onnxruntime turns DequantizeLinear -> Conv ->
   QuantizeLinear into QLinearConv (and likewise for Gemm, MatMul, Add, pooling).
-* activations read or written by those ops: per tensor, QuantizeLinear -> DequantizeLinear pairs
-  (QDQ) right after the producer, with ranges from the observers.
+* activations read or written by those ops, by Add and by pooling: per tensor, QuantizeLinear ->
+  DequantizeLinear pairs (QDQ) right after the producer, with ranges from the observers. A Relu
+  or Clip (min <= 0 <= max) that is its producer's only reader is quantized instead of the
+  producer's output, inside the Clip's bounds: onnxruntime drops it and clamps in the integer op.
+  A 1x1 Conv + AveragePool (DenseNet's transitions) is first folded into one strided Conv
+  (`bnq.rewrites`), so what follows stays integer.
 * every fused BatchNormRelu becomes `bnq.QLinearBatchNormRelu`, PyTorch's quantized `BNReLU2d`:
-  integer codes in, integer codes out (per tensor, for its consumers). Its input is quantized
-  per channel, which its table kernel makes free: a Concat of already-quantized branches is
-  concatenated as integer codes with each branch's own scale (no requantization, and the branch
-  ranges stay apart, which is where a per-tensor scale loses most: NOTES.md section 6); any other
-  input that is not quantized already gets a per-channel QuantizeLinear with its own observer.
+  integer codes in, integer codes out (per tensor, for its consumers). A Concat of
+  already-quantized branches is concatenated as integer codes with each branch's own scale, read
+  per channel (no requantization, and the branch ranges stay apart, which is where a per-tensor
+  scale loses most); an input that no integer op writes gets a per-channel QuantizeLinear with
+  its own observer. Each node's output scale is the observed one, or the nearest for which the
+  integer body (one depthwise QLinearConv, `bnq.integer`) is exact, else the float body.
 
 The observers see one micro-batch at a time and merge exactly (`bnq.observers`), so
 `bnq.execution` can run the model in bounded memory, in worker processes or on a cluster and the

@@ -8,7 +8,12 @@ X is uint8 or int8 (N, C, ...), rank-agnostic like BatchNormalization, channel a
 and X_zero_point are scalars or one value per channel; Y has Y_zero_point's type. The result is
 PyTorch's `quantized::batch_norm{1,2,3}d_relu`, bit for bit (the formula is in `bnq.kernels`).
 
-Why the body builds a table instead of evaluating the formula per element: PyTorch rounds
+Four bodies, fastest first (`BODIES`); a model gets the fastest that is exact for all its nodes:
+the integer body (one depthwise QLinearConv with per-channel integer parameters that the node
+carries as three extra inputs, `bnq.integer`), the float and double bodies (the formula per
+element, exact for checked parameter sets) and the table body (exact for every parameter set).
+
+Why the table body builds a table instead of evaluating the formula per element: PyTorch rounds
 `alpha * d + beta` ONCE to float32 (an FMA), and ONNX has no FMA. Evaluating it in double and
 casting to float rounds twice, which differs from PyTorch whenever the double sum lands exactly
 halfway between two float32 values (constructible: a tiny beta next to a product that is such a
