@@ -1,0 +1,91 @@
+"""Throughput of `bnq.execution` alone (no loading, fusing or writing) on a calibration job:
+one worker of one thread against N local workers of one thread, one process on every core, and a
+local Dask cluster of 2 workers of one thread.
+
+    python benchmarks/observation_scaling.py MODELS_DIR [--model densenet121] [--repeats 3]
+                                                       [--tile 8]
+
+The job observes every tensor `bnq calibrate` observes (min/max) over calib.npz repeated `--tile`
+times (64 x 8 = 512 samples: enough work that starting the workers, about a second each to load
+the model, does not dominate), in batches of 8. The single-thread worker is this process pinned to one core. Configurations run
+interleaved, round by round; medians. Needs `distributed` (installed when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models_dir", type=Path)
+    parser.add_argument("--model", default="densenet121")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tile", type=int, default=8)
+    args = parser.parse_args()
+    if importlib.util.find_spec("distributed") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "distributed"],
+                       check=True)
+    import distributed
+
+    from bnq.calibrate import _Observation, _plan, _upgrade
+    from bnq.data import SampleData, model_inputs
+    from bnq.execution import Job, run
+    from bnq.fusion import fuse
+    from bnq.io import load_model
+    from bnq.machine import describe
+    from bnq.rewrites import fold_average_pool
+
+    import numpy as np
+
+    model = load_model(args.models_dir / f"{args.model}.onnx")
+    scratch = tempfile.mkdtemp()
+    with np.load(args.models_dir / "calib.npz") as calib:
+        np.save(Path(scratch) / "samples.npy", np.tile(calib["input"], (args.tile, 1, 1, 1)))
+    data = SampleData(Path(scratch) / "samples.npy", model_inputs(model))
+    fused, _ = fold_average_pool(fuse(_upgrade(model))[0])
+    plan = _plan(fused)
+    names = plan.activations + [node.output[0] for node in plan.batch_norms] + plan.bn_inputs
+    per_channel = {name: name in plan.bn_inputs for name in names}
+    job = Job((fused,), ("onnxruntime",), tuple(((name,),) for name in names),
+              functools.partial(_Observation, per_channel, {n: n for n in names}, "minmax", {}))
+    cores = sorted(os.sched_getaffinity(0))
+    machine = describe()
+    print(f"# {args.model}, {data.num_samples} samples, batches of 8, {machine.cpu} "
+          f"({', '.join(machine.features)}), {len(cores)} cores; medians of {args.repeats} "
+          "interleaved rounds")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=40) as cluster:
+        configs = {"1 worker x 1 thread": ({"workers": 1}, 1, True)}
+        configs |= {f"{n} workers x 1 thread": ({"workers": n}, n, False)
+                    for n in range(2, len(cores) + 1)}
+        configs |= {"dask 2 x 1 thread": ({"scheduler": cluster.scheduler_address}, 2, False),
+                    f"1 worker x {len(cores)} threads": ({"workers": 1}, 1, False)}
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(args.repeats):
+            for name, (options, _, pinned) in configs.items():
+                os.sched_setaffinity(0, cores[:1] if pinned else cores)
+                start = time.perf_counter()
+                result = run(job, data, batch_size=8, **options)
+                times[name].append(time.perf_counter() - start)
+                assert result.samples == data.num_samples
+                print(f"  {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+        os.sched_setaffinity(0, cores)
+    unit = data.num_samples / statistics.median(times["1 worker x 1 thread"])
+    print(f"{'configuration':24} {'samples/s':>9} {'x 1x1':>6} {'/ N':>5}")
+    for name, (_, workers, _) in configs.items():
+        rate = data.num_samples / statistics.median(times[name])
+        print(f"{name:24} {rate:9.2f} {rate / unit:6.2f} {rate / unit / workers:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
