@@ -1,9 +1,10 @@
 """Bias correction: remove the mean error that quantization adds to each Conv / Gemm output.
 
 Rounding a layer's weights (and its input) shifts the mean of its outputs, channel by channel;
-the next layers see that shift as a bias and pass it on. For each quantized Conv or Gemm with an
-int32 bias (``b = b_q * s_b``, ``s_b = x_scale * w_scale[c]``), the shift is measured on the
-calibration data, layer by layer with the float model's input to the layer (NNCF's fast bias
+the next layers see that shift as a bias and pass it on. For each quantized Conv or Gemm whose input is
+quantized per tensor, with an int32 bias (``b = b_q * s_b``, ``s_b = x_scale * w_scale[c]``) or
+none (it gets one: the convolutions after DenseNet's BN-ReLUs have no bias), the shift is
+measured on the calibration data, layer by layer with the float model's input to the layer (NNCF's fast bias
 correction does the same)::
 
     y  = Conv(x, W) + b                                   # the float layer
@@ -13,8 +14,9 @@ correction does the same)::
 
 One onnxruntime run per batch computes every ``d``: the float model, plus for each layer a copy
 that reads the float tensor through its quantizer and the dequantized integer weights, and a
-``ReduceMean`` of the difference. The integer formats and the graph are unchanged; only int32
-bias initializers get new values.
+``ReduceMean`` of the difference. The integer formats are unchanged: int32 bias initializers
+get new values, and a layer without a bias gets an int32 one (a DequantizeLinear that
+onnxruntime folds into its QLinearConv / QGemm, as the others).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ class _Layer:
     source: str  # the float tensor its input quantizer reads
     input_qdq: tuple[np.ndarray, np.ndarray]  # per-tensor scale, zero point of that input
     weight: np.ndarray  # dequantized weight, float32
-    bias_codes: str  # the int32 initializer
-    bias_scale: np.ndarray
+    bias_codes: str | None  # the int32 initializer; None: the layer has no bias yet
+    bias_scale: np.ndarray  # x_scale * w_scale, per output channel
     axes: list[int]  # output axes averaged over per sample (the spatial axes of a Conv)
 
 
@@ -65,17 +67,48 @@ def correct_bias(quantized: onnx.ModelProto, reference: onnx.ModelProto,
     shifts = [accumulator.mean(name) for name in names]
     result = onnx.ModelProto()
     result.CopyFrom(quantized)
-    initializers = {tensor.name: tensor for tensor in result.graph.initializer}
+    graph = result.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
     info = np.iinfo(np.int32)
+    scope = NameScope(graph)
+    added = {}  # layer output -> the DequantizeLinear of its new bias
     for layer, shift in zip(layers, shifts):
+        codes = -np.rint(shift / layer.bias_scale).astype(np.int64)
+        if layer.bias_codes is None:
+            added[layer.node.output[0]] = _new_bias(graph, scope, layer, np.clip(
+                codes, info.min, info.max).astype(np.int32))
+            continue
         tensor = initializers[layer.bias_codes]
-        codes = numpy_helper.to_array(tensor).astype(np.int64)
-        codes -= np.rint(shift / layer.bias_scale).astype(np.int64)
+        codes += numpy_helper.to_array(tensor).astype(np.int64)
         tensor.CopyFrom(numpy_helper.from_array(np.clip(codes, info.min, info.max)
                                                 .astype(np.int32), tensor.name))
+    if added:
+        nodes = []
+        for node in graph.node:
+            if node.output[0] in added:
+                dequantize = added[node.output[0]]
+                nodes.append(dequantize)
+                del node.input[2:]  # an empty name, if the bias was given as one
+                node.input.append(dequantize.output[0])
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
     check(result, "the bias-corrected model")
     flat = np.abs(np.concatenate(shifts))
     return result, BiasCorrection(len(layers), float(flat.mean()), float(flat.max()))
+
+
+def _new_bias(graph: onnx.GraphProto, scope: NameScope, layer: _Layer,
+              codes: np.ndarray) -> onnx.NodeProto:
+    """Initializers for a bias-less layer's new int32 bias and the DequantizeLinear reading them
+    (added to the graph before the layer by the caller)."""
+    base = layer.node.output[0]
+    names = [scope.fresh(f"{base}_{suffix}") for suffix in ("bias_quantized", "bias_scale",
+                                                            "bias_zero_point", "bias")]
+    graph.initializer.extend(numpy_helper.from_array(array, name) for array, name in zip(
+        (codes, layer.bias_scale.astype(np.float32), np.zeros(codes.shape, np.int32)), names))
+    return helper.make_node("DequantizeLinear", names[:3], names[3:], axis=0,
+                            name=scope.fresh(f"{base}_bias_DequantizeLinear"))
 
 
 class _Shifts:
@@ -99,24 +132,27 @@ class _Shifts:
 
 
 def _layers(quantized: onnx.ModelProto, reference: onnx.ModelProto) -> list[_Layer]:
-    """The Conv / Gemm nodes with an int32 bias and a per-tensor quantized input whose float
-    source and output exist in ``reference``."""
+    """The Conv / Gemm nodes with a per-tensor quantized input, and an int32 bias or none, whose
+    float source and output exist in ``reference``."""
     constants = constant_values(quantized)
     writers = producers(quantized.graph)
     float_names = {name for node in reference.graph.node for name in node.output}
     float_names |= {value.name for value in reference.graph.input}
     found = []
     for node in quantized.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+        if node.op_type not in ("Conv", "Gemm"):
             continue
         if node.op_type == "Gemm" and any(a.name in ("alpha", "beta", "transA")
                                           and helper.get_attribute_value(a) not in (1, 1.0, 0)
                                           for a in node.attribute):
             continue
-        x_dq, w_dq, b_dq = (writers.get(name) for name in node.input[:3])
-        if not all(n is not None and n.op_type == "DequantizeLinear" for n in (x_dq, w_dq, b_dq)):
+        x_dq, w_dq = (writers.get(name) for name in node.input[:2])
+        b_dq = writers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if not all(n is not None and n.op_type == "DequantizeLinear" for n in (x_dq, w_dq)):
             continue
-        if b_dq.input[0] not in constants or constants[b_dq.input[0]].dtype != np.int32:
+        if len(node.input) > 2 and node.input[2] and not (
+                b_dq is not None and b_dq.op_type == "DequantizeLinear"
+                and constants.get(b_dq.input[0], np.zeros(0)).dtype == np.int32):
             continue
         x_scale, x_zero_point = (constants.get(name) for name in x_dq.input[1:3])
         if x_scale is None or x_zero_point is None or x_scale.ndim:
@@ -134,9 +170,11 @@ def _layers(quantized: onnx.ModelProto, reference: onnx.ModelProto) -> list[_Lay
         weight = ((w_codes.astype(np.float32) - w_zero_point.reshape(shape).astype(np.float32))
                   * w_scale.reshape(shape)).astype(np.float32)
         rank = weight.ndim if node.op_type == "Conv" else 2
-        found.append(_Layer(node, source, (x_scale, x_zero_point), weight, b_dq.input[0],
-                            constants[b_dq.input[1]].astype(np.float64),
-                            list(range(2, rank))))
+        bias_scale = (constants[b_dq.input[1]] if b_dq is not None else np.broadcast_to(
+            x_scale * w_scale, w_codes.shape[w_axis:w_axis + 1]).astype(np.float32))
+        found.append(_Layer(node, source, (x_scale, x_zero_point), weight,
+                            b_dq.input[0] if b_dq is not None else None,
+                            bias_scale.astype(np.float64), list(range(2, rank))))
     return found
 
 
@@ -165,14 +203,14 @@ def _probe(reference: onnx.ModelProto, layers: list[_Layer]) -> tuple[onnx.Model
         y = scope.fresh(f"{base}_quantized_layer")
         diff = scope.fresh(f"{base}_error")
         mean = scope.fresh(f"{base}_mean_error")
-        float_bias = writers[base].input[2]  # the float layer's bias, as in the reference
+        float_layer = writers[base]  # as in the reference, with its float bias if it has one
         graph.node.extend([
             helper.make_node("QuantizeLinear", [layer.source, scale, zero_point], [codes],
                              name=scope.fresh(f"{base}_probe_quantize")),
             helper.make_node("DequantizeLinear", [codes, scale, zero_point], [x],
                              name=scope.fresh(f"{base}_probe_dequantize")),
             helper.make_node(node.op_type, [x, constant("weight", layer.weight),
-                                            float_bias], [y],
+                                            *float_layer.input[2:3]], [y],
                              name=scope.fresh(f"{base}_probe_layer"),
                              **{a.name: helper.get_attribute_value(a) for a in node.attribute}),
             helper.make_node("Sub", [y, base], [diff], name=scope.fresh(f"{base}_probe_sub")),

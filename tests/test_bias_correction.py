@@ -1,15 +1,18 @@
 """Bias correction: the mean output shift of the first Conv (whose quantized input is the float
 input through its quantizer, so the shift measured is the shift the quantized model has) is
-removed down to half a bias step per channel; the model passes the checker and keeps its
-structure and formats."""
+removed down to half a bias step per channel, whether the Conv had a bias or gets one; the model
+passes the checker, keeps its formats, and onnxruntime still runs every layer as an integer op."""
 
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import numpy as np
 import onnx
+import pytest
 from graphs import make_model, run_ort
+from test_calibrate import optimized_graph
 from onnx import helper, numpy_helper
 
 from bnq.bias_correction import correct_bias
@@ -22,12 +25,13 @@ from bnq.machine import IntegerFormats
 FORMATS = IntegerFormats("uint8", "int8", True, "tests")
 
 
-def conv_relu_model(rng):
+def conv_relu_model(rng, first_bias=True):
     """Conv 3x3 (8 -> 16) -> Relu -> Conv 1x1 (16 -> 4): weights with a large mean, so that
-    7-bit rounding shifts the output means."""
+    7-bit rounding shifts the output means; the first Conv without a bias if not `first_bias`."""
     w1 = (rng.standard_normal((16, 8, 3, 3)) * 0.2 + 0.05).astype(np.float32)
     w2 = (rng.standard_normal((4, 16, 1, 1)) * 0.3).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"][:3 if first_bias else 2], ["c1"],
+                              pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["y"])]
     return make_model(nodes, [("x", ["N", 8, 10, 10])], [("y", ["N", 4, 10, 10])], opset=19,
@@ -42,9 +46,10 @@ def first_conv_shift(model, reference, x):
     return (quantized - expected).mean(axis=(0, 2, 3))
 
 
-def test_first_conv_mean_shift_removed(tmp_path):
+@pytest.mark.parametrize("first_bias", [True, False], ids=["bias", "no bias"])
+def test_first_conv_mean_shift_removed(tmp_path, first_bias):
     rng = np.random.default_rng(0)
-    model = conv_relu_model(rng)
+    model = conv_relu_model(rng, first_bias)
     x = (rng.standard_normal((64, 8, 10, 10)) + 0.5).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     data = SampleData(tmp_path / "calib.npz", model_inputs(model))
@@ -53,8 +58,12 @@ def test_first_conv_mean_shift_removed(tmp_path):
     corrected, report = correct_bias(plain, model, functools.partial(run, data=data,
                                                                      batch_size=16))
     onnx.checker.check_model(corrected, full_check=True)
-    assert op_counts(corrected) == op_counts(plain)
+    added = Counter(op_counts(corrected)) - Counter(op_counts(plain))
+    assert added == ({} if first_bias else {"DequantizeLinear": 1})  # the new bias's
     assert report.layers == 2
+    # onnxruntime folds the new bias into the first Conv's QLinearConv, as an existing one
+    assert Counter(node.op_type for node in optimized_graph(corrected, tmp_path).node) == \
+        Counter(node.op_type for node in optimized_graph(plain, tmp_path).node)
     writers = producers(corrected.graph)
     conv = next(node for node in corrected.graph.node if node.output[0] == "c1")
     bias_scale = numpy_helper.to_array(next(
@@ -68,7 +77,7 @@ def test_first_conv_mean_shift_removed(tmp_path):
     old = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
     name = writers[conv.input[2]].input[0]
     assert codes[name].dtype == np.int32
-    np.testing.assert_array_equal(codes[name], old[name] - np.rint(before / bias_scale))
+    np.testing.assert_array_equal(codes[name], old.get(name, 0) - np.rint(before / bias_scale))
 
 
 def test_calibrate_reports_bias_correction(tmp_path):
