@@ -529,7 +529,8 @@ def _plan_text(plan: ExecutionPlan) -> str:
     passes = f"{plan.passes} passes" if plan.passes > 1 else "1 pass"
     return (f"{passes} of micro-batches of {plan.micro_batch} (about "
             f"{_size(plan.estimated_bytes)} of activations, limit {_size(plan.memory_limit)} "
-            "per process)")
+            "per process)" + (", the data streamed to the cluster's workers"
+                              if plan.data == "streamed" else ""))
 
 
 def _size(size: int) -> str:

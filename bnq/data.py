@@ -8,6 +8,12 @@ from class subfolders under every extra key asked for). Arrays are read a batch 
 time, straight from the file (`.npy` through a memory map, `.npz` members as a stream), so memory
 does not grow with the number of samples; nothing is unpickled.
 
+`fingerprint()` tells whether another process (a cluster's worker) sees the same data at the
+same path: a digest of the names and sizes of the files read, and of their content when it
+totals at most FINGERPRINT_BYTES, else of FINGERPRINT_BYTES of it in 64 KiB blocks spread evenly
+over the files, so that it costs the same for any size of data set (a stale copy of a data set
+differs in sizes, or in content nearly everywhere, which the blocks sample).
+
 Everything that can be checked without reading the data (keys, dtypes, shapes against the model's
 inputs, equal sample counts, files as long as their headers declare) is checked when the source is
 opened, before any work. Limits protect the machine from a mistyped shape: a sample larger than
@@ -17,6 +23,9 @@ refused unread.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
 import math
 import zipfile
 import zlib
@@ -35,6 +44,8 @@ from bnq.limits import check_size
 
 DATA_SUFFIXES = (".npz", ".npy")
 MAX_SAMPLE_BYTES = 1 << 30  # one sample larger than this is a mistake, not a tensor to read
+FINGERPRINT_BYTES = 16 << 20  # the most of the data's content `fingerprint` reads
+_FINGERPRINT_BLOCK = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -194,13 +205,14 @@ class SampleData:
         if self.path.is_dir() and holds_images(self.path) and not self._data_files():
             self.images = _ImageFolder(self.path, inputs, images or Preprocessing(), extra_keys)
             self.parts = []
-            self.num_samples = len(self.images.files)
+            self.files = self.images.files
+            self.num_samples = len(self.files)
             return
         if images is not None:
             raise DataError(f"{self.path}: image preprocessing was given, but this is not a "
                             "folder of JPEG/PNG images")
-        files = self._files()
-        self.parts: list[dict[str, _Member]] = [self._open_file(f, extra_keys) for f in files]
+        self.files = self._files()
+        self.parts: list[dict[str, _Member]] = [self._open_file(f, extra_keys) for f in self.files]
         self.num_samples = sum(next(iter(part.values())).rows for part in self.parts)
         if self.num_samples == 0:
             raise DataError(f"{self.path}: holds no samples")
@@ -223,6 +235,33 @@ class SampleData:
                        for start in range(0, take, batch_size)]
             offset, remaining = offset + rows, remaining - take
         return bounds
+
+    def fingerprint(self) -> str:
+        """A digest of the data as this process sees it at its path (module docstring); raises
+        OSError when a file cannot be read."""
+        sizes = [path.stat().st_size for path in self.files]
+        digest = hashlib.sha256()
+        for path, size in zip(self.files, sizes):
+            digest.update(f"{path.relative_to(self.path).as_posix()}\0{size}\0".encode())
+        starts = list(itertools.accumulate(sizes, initial=0))
+        total = starts[-1]
+        if total <= FINGERPRINT_BYTES:
+            spans = [(0, total)]
+        else:
+            count = FINGERPRINT_BYTES // _FINGERPRINT_BLOCK
+            spans = [(k * (total - _FINGERPRINT_BLOCK) // (count - 1), _FINGERPRINT_BLOCK)
+                     for k in range(count)]
+        for start, length in spans:
+            end = start + length
+            index = bisect.bisect_right(starts, start) - 1  # the file that holds byte `start`
+            while start < end:
+                take = min(end, starts[index + 1]) - start
+                with open(self.files[index], "rb") as handle:
+                    handle.seek(start - starts[index])
+                    digest.update(handle.read(take))
+                start += take
+                index += 1
+        return digest.hexdigest()
 
     def has(self, key: str) -> bool:
         if self.images is not None:

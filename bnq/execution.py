@@ -13,9 +13,13 @@ however the work is split:
   own onnxruntime sessions and `cores // workers` intra-op threads so that workers do not fight
   over cores; each unit's accumulator comes back to the caller and is merged in unit order.
 * **A Dask cluster** (`scheduler="tcp://host:8786"`, the optional `distributed` package) runs the
-  same units: the job (with its models) is sent once to every worker, each unit reads its batch
-  from the data path, which the workers must share. A worker that dies has its units rerun
+  same units (`bnq.cluster`): the job (with its models) is sent once to every worker; each unit
+  reads its batch from the data path when every worker sees the same data there, else the
+  caller reads the batch and sends it with the unit. A worker that dies has its units rerun
   elsewhere by the scheduler; a unit that fails for good stops the run with an error.
+
+Each unit's accumulator is merged as soon as the units before it are: only those that finish
+early wait, so the caller's memory does not grow with the number of batches.
 
 Memory. A fetched tensor stays alive until the run returns, and the array handed to the
 accumulators is a second copy, so per sample a pass fetching the set S holds about
@@ -38,7 +42,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,13 +86,15 @@ class Job:
 
 @dataclass(frozen=True)
 class ExecutionPlan:
-    """How each process splits its work (the results do not depend on it). It depends on the
-    memory limit, not on the number of workers, so reports are the same for any number."""
+    """How each process splits its work and gets its data (the results do not depend on it). It
+    depends on the memory limit and on whether a cluster's workers see the data, not on the
+    number of workers, so reports are the same for any number."""
 
     memory_limit: int  # bytes of activations allowed per process
     estimated_bytes: int  # the estimate for the largest pass at `micro_batch` samples
     micro_batch: int
     passes: int
+    data: str  # "path": each process reads the data from its path; "streamed": the caller sends it
 
 
 @dataclass(frozen=True)
@@ -117,21 +123,21 @@ def run(job: Job, data: SampleData, *, batch_size: int = 32, num_samples: int | 
     total = min(num_samples or data.num_samples, data.num_samples)
     micro_batch, passes, estimate = plan_passes(job, data, batch_size, memory_limit)
     threads = 1 if scheduler else max(1, len(os.sched_getaffinity(0)) // workers)
-    plan = ExecutionPlan(memory_limit, estimate, micro_batch, len(passes))
     shard = _Shard(job, data, tuple(passes), micro_batch, threads, batch_size)
     bounds = data.batch_bounds(batch_size, num_samples)
     units = [(p, first, count) for p in range(len(passes)) for first, count in bounds]
     advance = (lambda n: progress(n / len(passes))) if progress else (lambda n: None)
+    result = job.accumulator()
+    source = "path"
     if scheduler:
         from bnq.cluster import run_on_cluster
-        parts = run_on_cluster(scheduler, shard, units, advance)
+        source = run_on_cluster(scheduler, shard, units, advance, result.merge)
     elif workers == 1:
-        parts = _run_here(shard, units, advance)
+        for unit in units:
+            result.merge(shard.run(unit, advance))
     else:
-        parts = _run_in_workers(shard, units, workers, advance)
-    result = job.accumulator()
-    for part in parts:
-        result.merge(part)
+        _run_in_workers(shard, units, workers, advance, result.merge)
+    plan = ExecutionPlan(memory_limit, estimate, micro_batch, len(passes), source)
     return RunResult(result, total, len(bounds), plan)
 
 
@@ -208,12 +214,24 @@ class _Shard:
                     in zip(self.job.models, self.job.backends, self.names(pass_index), every)])
             return self._runners[1]
 
-    def run(self, unit: tuple[int, int, int], progress: Callable[[int], None]) -> Accumulator:
+    def batches(self, unit: tuple[int, int, int]) -> Iterator[dict[str, np.ndarray]]:
+        """The data of a unit, read from the data path (with the job's keys in pass 0)."""
         pass_index, first, count = unit
+        keys = self.job.keys if pass_index == 0 else ()
+        try:
+            yield from self.data.batches(self.batch_size, count, keys=keys, first=first)
+        except OSError as error:
+            raise DataError(f"cannot read the data at {self.data.path} on host "
+                            f"{os.uname().nodename}: {one_line(error)}") from error
+
+    def run(self, unit: tuple[int, int, int], progress: Callable[[int], None],
+            batches: Iterable[dict[str, np.ndarray]] | None = None) -> Accumulator:
+        """A fresh accumulator fed with the unit, whose `batches` are read here unless given."""
+        pass_index = unit[0]
         runners = self.runners(pass_index)
         keys = self.job.keys if pass_index == 0 else ()
         accumulator = self.job.accumulator()
-        for batch in self._read(first, count, keys):
+        for batch in self.batches(unit) if batches is None else batches:
             size = len(next(iter(batch.values())))
             for start in range(0, size, self.micro_batch):
                 micro = {key: array[start:start + self.micro_batch] for key, array in batch.items()}
@@ -222,14 +240,6 @@ class _Shard:
                                    self.passes[pass_index])
                 progress(len(next(iter(micro.values()))))
         return accumulator
-
-    def _read(self, first: int, count: int, keys: tuple[str, ...]) -> Iterator[dict]:
-        try:
-            yield from self.data.batches(self.batch_size, count, keys=keys, first=first)
-        except OSError as error:
-            raise DataError(f"cannot read the data at {self.data.path} on host "
-                            f"{os.uname().nodename}: {one_line(error)} (with a cluster, every "
-                            "worker reads the data from this path)") from error
 
 
 def _fetching(model: onnx.ModelProto, backend: str, names: list[str], everything: list[str],
@@ -254,16 +264,26 @@ def _fetching(model: onnx.ModelProto, backend: str, names: list[str], everything
                           if name in wanted}
 
 
-def _run_here(shard: _Shard, units: Sequence, progress: Callable[[int], None]) -> Iterator:
-    for unit in units:
-        yield shard.run(unit, progress)
+class InUnitOrder:
+    """Takes the accumulators of units as they finish, in any order, and hands them to `merge`
+    in unit order, holding only those that finished before an earlier unit."""
+
+    def __init__(self, merge: Callable[[Accumulator], None]) -> None:
+        self.merge, self.merged = merge, 0
+        self.early: dict[int, Accumulator] = {}
+
+    def add(self, index: int, part: Accumulator) -> None:
+        self.early[index] = part
+        while self.merged in self.early:
+            self.merge(self.early.pop(self.merged))
+            self.merged += 1
 
 
 def _run_in_workers(shard: _Shard, units: Sequence, workers: int,
-                    progress: Callable[[int], None]) -> list[Accumulator]:
-    """Run the units in `workers` spawned processes; results come back in unit order. A worker
-    that fails stops the run with its error; one that dies, with an ExecutionError; on any
-    exit (Ctrl-C included) every worker is terminated."""
+                    progress: Callable[[int], None], merge: Callable[[Accumulator], None]) -> None:
+    """Run the units in `workers` spawned processes; their accumulators go to `merge` in unit
+    order. A worker that fails stops the run with its error; one that dies, with an
+    ExecutionError; on any exit (Ctrl-C included) every worker is terminated."""
     context = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive fork
     tasks, results = context.Queue(), context.Queue()
     for index, unit in enumerate(units):
@@ -272,12 +292,12 @@ def _run_in_workers(shard: _Shard, units: Sequence, workers: int,
         tasks.put(None)
     processes = [context.Process(target=_worker, args=(shard, tasks, results), daemon=True)
                  for _ in range(min(workers, len(units)))]
-    done: dict[int, Accumulator] = {}
+    done = InUnitOrder(merge)
     try:
         with _ctrl_c_deferred():
             for process in processes:
                 process.start()
-        while len(done) < len(units):
+        while done.merged < len(units):
             try:
                 kind, value = results.get(timeout=_POLL_SECONDS)
             except queue.Empty:
@@ -292,7 +312,7 @@ def _run_in_workers(shard: _Shard, units: Sequence, workers: int,
             elif kind == "error":
                 raise value
             else:
-                done[value[0]] = value[1]
+                done.add(*value)
     finally:
         tasks.cancel_join_thread()  # units no worker will take: do not wait to send them
         started = [process for process in processes if process.pid is not None]
@@ -301,7 +321,6 @@ def _run_in_workers(shard: _Shard, units: Sequence, workers: int,
                 process.terminate()
         for process in started:
             process.join()
-    return [done[index] for index in range(len(units))]
 
 
 @contextlib.contextmanager

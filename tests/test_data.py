@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import bnq.data
 from bnq import DataError
 from bnq.data import InputSpec, SampleData
 
@@ -86,3 +87,34 @@ def test_truncated_files_are_an_error(tmp_path):
     (tmp_path / "d.npy").write_bytes(raw[:-100])
     with pytest.raises(DataError, match="truncated"):
         collect(SampleData(tmp_path / "d.npy", SPEC), 4)
+
+
+def test_fingerprint_reads_small_data_whole_and_large_data_in_spread_blocks(tmp_path,
+                                                                            monkeypatch):
+    np.save(tmp_path / "a.npy", samples(10300, 1))  # 659 KB
+    np.save(tmp_path / "b.npy", samples(5700, 2))
+    data = SampleData(tmp_path, SPEC)
+    sizes = {name: (tmp_path / name).stat().st_size for name in ("a.npy", "b.npy")}
+
+    def changed(name: str, offset: int) -> str:
+        """The fingerprint with the byte at `offset` of file `name` changed."""
+        path = tmp_path / name
+        original = path.read_bytes()
+        path.write_bytes(original[:offset] + bytes([original[offset] ^ 1]) + original[offset + 1:])
+        try:
+            return data.fingerprint()
+        finally:
+            path.write_bytes(original)
+
+    whole = data.fingerprint()
+    assert changed("a.npy", 300_000) != whole and changed("b.npy", sizes["b.npy"] - 1) != whole
+    monkeypatch.setattr(bnq.data, "FINGERPRINT_BYTES", 4 << 16)  # 4 blocks over 1.0 MB
+    sampled = data.fingerprint()
+    assert sampled != whole
+    # blocks at 0, 1/3 and 2/3 of the bytes (across the end of a.npy) and at the end
+    assert changed("a.npy", 0) != sampled and changed("b.npy", sizes["b.npy"] - 1) != sampled
+    assert changed("a.npy", sizes["a.npy"] - 1) != sampled
+    assert changed("a.npy", 150_000) == sampled  # between blocks: not read
+    (tmp_path / "b.npy").rename(tmp_path / "c.npy")
+    with pytest.raises(OSError):
+        data.fingerprint()
