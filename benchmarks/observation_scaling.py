@@ -1,19 +1,28 @@
 """Throughput of `bnq.execution` alone (no loading, fusing or writing) on a calibration job:
-one worker of one thread against N local workers of one thread, one process on every core, and a
-local Dask cluster of 2 workers of one thread.
+one worker of one thread against N local workers of one thread, one process on every core, and
+local Dask clusters of 2 workers of one thread: as Dask starts them, without the malloc setting
+Dask's nanny gives its workers, and with workers that cannot read the data (streamed to them).
 
     python benchmarks/observation_scaling.py MODELS_DIR [--model densenet121] [--repeats 3]
                                                        [--tile 8]
 
 The job observes every tensor `bnq calibrate` observes (min/max) over calib.npz repeated `--tile`
 times (64 x 8 = 512 samples: enough work that starting the workers, about a second each to load
-the model, does not dominate), in batches of 8. The single-thread worker is this process pinned to one core. Configurations run
-interleaved, round by round; medians. Needs `distributed` (installed when missing).
+the model, does not dominate), in batches of 8. The single-thread worker is this process pinned
+to one core. Configurations run interleaved, round by round; medians. Needs `distributed`
+(installed when missing).
+
+Dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536 (its config
+`distributed.nanny.pre-spawn-environ`, to hand freed memory back to the system at once), which
+also turns off glibc's adaptive mmap threshold, and sets it in its own process's environment
+too, where every process started later inherits it: the clusters here are started with this
+process's environment restored afterwards, so that the local workers start as bnq's do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import os
@@ -35,6 +44,7 @@ def main() -> None:
     if importlib.util.find_spec("distributed") is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "distributed"],
                        check=True)
+    import dask
     import distributed
 
     from bnq.calibrate import _Observation, _plan, _upgrade
@@ -51,7 +61,8 @@ def main() -> None:
     scratch = tempfile.mkdtemp()
     with np.load(args.models_dir / "calib.npz") as calib:
         np.save(Path(scratch) / "samples.npy", np.tile(calib["input"], (args.tile, 1, 1, 1)))
-    data = SampleData(Path(scratch) / "samples.npy", model_inputs(model))
+    os.chdir(scratch)  # a relative path, which workers moved elsewhere cannot read
+    data = SampleData("samples.npy", model_inputs(model))
     fused, _ = fold_average_pool(fuse(_upgrade(model))[0])
     plan = _plan(fused)
     names = plan.activations + [node.output[0] for node in plan.batch_norms] + plan.bn_inputs
@@ -63,13 +74,19 @@ def main() -> None:
     print(f"# {args.model}, {data.num_samples} samples, batches of 8, {machine.cpu} "
           f"({', '.join(machine.features)}), {len(cores)} cores; medians of {args.repeats} "
           "interleaved rounds")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=40) as cluster:
+    untrimmed = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    # the untrimmed cluster last: leaving dask.config.set drops the setting for those after it
+    with (local_cluster(distributed, dask, {}) as cluster,
+          local_cluster(distributed, dask, {}, elsewhere=tempfile.mkdtemp()) as cluster_apart,
+          local_cluster(distributed, dask, untrimmed) as cluster_untrimmed):
         configs = {"1 worker x 1 thread": ({"workers": 1}, 1, True)}
         configs |= {f"{n} workers x 1 thread": ({"workers": n}, n, False)
                     for n in range(2, len(cores) + 1)}
-        configs |= {"dask 2 x 1 thread": ({"scheduler": cluster.scheduler_address}, 2, False),
-                    f"1 worker x {len(cores)} threads": ({"workers": 1}, 1, False)}
+        configs |= {
+            "dask 2 x 1 thread": ({"scheduler": cluster.scheduler_address}, 2, False),
+            "dask, no malloc trim": ({"scheduler": cluster_untrimmed.scheduler_address}, 2, False),
+            "dask, data streamed": ({"scheduler": cluster_apart.scheduler_address}, 2, False),
+            f"1 worker x {len(cores)} threads": ({"workers": 1}, 1, False)}
         times: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(args.repeats):
             for name, (options, _, pinned) in configs.items():
@@ -78,6 +95,7 @@ def main() -> None:
                 result = run(job, data, batch_size=8, **options)
                 times[name].append(time.perf_counter() - start)
                 assert result.samples == data.num_samples
+                assert (result.plan.data == "streamed") == name.endswith("streamed")
                 print(f"  {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
         os.sched_setaffinity(0, cores)
     unit = data.num_samples / statistics.median(times["1 worker x 1 thread"])
@@ -85,6 +103,27 @@ def main() -> None:
     for name, (_, workers, _) in configs.items():
         rate = data.num_samples / statistics.median(times[name])
         print(f"{name:24} {rate:9.2f} {rate / unit:6.2f} {rate / unit / workers:5.2f}")
+
+
+@contextlib.contextmanager
+def local_cluster(distributed, dask, config: dict, elsewhere: str | None = None):
+    """A LocalCluster of 2 worker processes of one thread under dask `config`, this process's
+    environment restored once they have started; with `elsewhere`, its workers run in that
+    directory, where the relative data path names nothing."""
+    environment = dict(os.environ)
+    with dask.config.set(config), distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=40) as cluster:
+        os.environ.clear()
+        os.environ.update(environment)
+        if elsewhere:
+            class Elsewhere(distributed.WorkerPlugin):
+                def setup(self, worker) -> None:
+                    os.chdir(elsewhere)
+
+            with distributed.Client(cluster.scheduler_address) as client:
+                client.register_plugin(Elsewhere())
+        yield cluster
 
 
 if __name__ == "__main__":

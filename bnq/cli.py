@@ -262,7 +262,8 @@ def _execution_options(function):
                           "The results do not depend on it."),
         click.option("--scheduler", metavar="ADDRESS", default=None,
                      help="Run on the Dask cluster of this scheduler (tcp://host:8786; needs "
-                          "bnq[distributed]); every worker reads DATA from the same path."),
+                          "bnq[distributed]). Workers read DATA from its path if they all see "
+                          "the same data there, else bnq streams it to them."),
     ]):
         function = option(function)
     return function

@@ -214,12 +214,16 @@ class _Shard:
                     in zip(self.job.models, self.job.backends, self.names(pass_index), every)])
             return self._runners[1]
 
+    def keys(self, pass_index: int) -> tuple[str, ...]:
+        """The data's extra keys a pass reads: the job's in the first pass, none after."""
+        return self.job.keys if pass_index == 0 else ()
+
     def batches(self, unit: tuple[int, int, int]) -> Iterator[dict[str, np.ndarray]]:
-        """The data of a unit, read from the data path (with the job's keys in pass 0)."""
+        """The data of a unit, read from the data path."""
         pass_index, first, count = unit
-        keys = self.job.keys if pass_index == 0 else ()
         try:
-            yield from self.data.batches(self.batch_size, count, keys=keys, first=first)
+            yield from self.data.batches(self.batch_size, count, keys=self.keys(pass_index),
+                                         first=first)
         except OSError as error:
             raise DataError(f"cannot read the data at {self.data.path} on host "
                             f"{os.uname().nodename}: {one_line(error)}") from error
@@ -229,7 +233,7 @@ class _Shard:
         """A fresh accumulator fed with the unit, whose `batches` are read here unless given."""
         pass_index = unit[0]
         runners = self.runners(pass_index)
-        keys = self.job.keys if pass_index == 0 else ()
+        keys = self.keys(pass_index)
         accumulator = self.job.accumulator()
         for batch in self.batches(unit) if batches is None else batches:
             size = len(next(iter(batch.values())))

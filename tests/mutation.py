@@ -169,6 +169,18 @@ MUTANTS = [
            "min(num_samples, self.num_samples)\n        remaining = min(remaining, self.num_samples"
            " - first)", "remaining = self.num_samples - first",
            ("tests/test_data.py", "tests/test_calibrate_options.py"), "--num-samples ignored"),
+    Mutant("data-fingerprint-sizes-only", "bnq/data.py",
+           "digest.update(handle.read(take))", "handle.read(take)",
+           ("tests/test_data.py", "tests/test_cluster.py"),
+           "the data's fingerprint ignores its content (a stale copy of the same size trusted)"),
+    # cluster
+    Mutant("cluster-trust-a-stale-copy", "bnq/cluster.py",
+           "streamed = any(value != fingerprint for value in seen.values())",
+           "streamed = any(value is None for value in seen.values())",
+           ("tests/test_cluster.py",), "workers that see other data at the path read it"),
+    Mutant("cluster-stream-unbounded", "bnq/cluster.py",
+           "IN_FLIGHT * threads if streamed else len(units)", "len(units)",
+           ("tests/test_cluster.py",), "every batch read and sent at once: memory grows with the data"),
     # machine and command line
     Mutant("machine-avx2-full-range", "bnq/machine.py",
            'return IntegerFormats("uint8", "int8", True,',
