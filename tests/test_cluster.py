@@ -182,12 +182,12 @@ def test_streamed_evaluation_reads_labels_in_every_pass_s_batches(apart, schedul
     quantized = calibrate(reference, SampleData(CALIB, model_inputs(reference)), formats=FORMATS,
                           num_samples=64)[0]
     data = SampleData("eval.npz", model_inputs(reference), extra_keys=("labels",))
-    local, streamed = (evaluate(quantized, reference, data, batch_size=25, num_samples=100,
+    local, streamed = (evaluate(quantized, reference, data, batch_size=20, num_samples=40,
                                 memory_limit=100_000, **split)
                        for split in ({}, {"scheduler": scheduler}))
     assert streamed.plan.passes > 1 and streamed.plan.data == "streamed"
     assert streamed == dataclasses.replace(local, plan=streamed.plan)
-    assert local.top1_accuracy is not None and local.samples == 100
+    assert local.top1_accuracy is not None and local.samples == 40
 
 
 class _Counted(SampleData):
