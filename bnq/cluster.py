@@ -114,9 +114,10 @@ def run_on_cluster(address: str, shard, units: Sequence[tuple[int, int, int]],
             for future in running:
                 position = futures.pop(future)
                 try:
-                    done.add(position, future.result())
+                    part = future.result()
                 except Exception as error:
                     raise _failure(error, units[position]) from None
+                done.add(position, part)
                 progress(units[position][2])
                 submit_next()
         finally:
