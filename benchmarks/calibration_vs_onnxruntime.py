@@ -7,8 +7,9 @@ temporary directory). A development tool: it needs scikit-learn (the 1000 throug
 samples are sklearn's digits / 16, repeated as needed), which bnq itself does not.
 
 1. Accuracy: top-1 on samples/eval.npz and SQNR of the logits against the float model,
-   SQNR = 10 log10(sum(ref**2) / sum((ref - q)**2)), for bnq (default formats, every method) and
-   quantize_static (QDQ, per-channel weights, MinMax, the same 256 calibration images); also
+   SQNR = 10 log10(sum(ref**2) / sum((ref - q)**2)), for bnq (default formats, every method,
+   and minmax with cross-layer equalization) and quantize_static (QDQ, per-channel weights,
+   MinMax, the same 256 calibration images); also
    with onnxruntime's graph optimizations off (QDQ run in float: the ranges' error alone, without
    the integer kernels').
 2. Calibration throughput (minmax, 1000 samples, batch 32): bnq `calibrate()` and
@@ -76,11 +77,11 @@ def ort_quantize(x: np.ndarray, output: Path, *, batch: int = 32, method: str = 
 
 
 def bnq_quantize(data: Path, *, batch: int = 32, method: str = "minmax",
-                 formats: IntegerFormats | None = None) -> onnx.ModelProto:
+                 formats: IntegerFormats | None = None, **options) -> onnx.ModelProto:
     model = bnq.load_model(MODEL)
     quantized, _ = calibrate(model, SampleData(data, model_inputs(model)),
                              formats=formats or default_formats(), method=method,
-                             batch_size=batch)
+                             batch_size=batch, **options)
     return quantized
 
 
@@ -100,6 +101,7 @@ def accuracy(tmp: Path) -> dict[str, onnx.ModelProto | Path]:
     models: dict[str, onnx.ModelProto | Path] = {"float": MODEL}
     for method in BNQ_METHODS:
         models[f"bnq {method}"] = bnq_quantize(CALIB, method=method)
+    models["bnq minmax equalize"] = bnq_quantize(CALIB, equalize=True)
     models["bnq minmax int8/int8"] = bnq_quantize(
         CALIB, formats=IntegerFormats("int8", "int8", False, "as quantize_static's default"))
     for types in ORT_TYPES:

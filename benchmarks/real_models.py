@@ -5,9 +5,9 @@ DenseNet-121, ResNet-50 and MobileNetV2 (`benchmarks/models.py` builds them).
                                      [--rounds 15] [--json OUT] [--variants 'bnq*,ort*'] [--nncf]
 
 For each model, in one run: quantize it with bnq (`calibrate()`, default formats; its default,
-every `--method`, without bias correction and with weight rounding), with quantize_static (after
-`quant_pre_process`, as onnxruntime recommends; QDQ, per-channel weights; MinMax with every type
-variant, Percentile and Entropy with its default types) and, with `--nncf`, NNCF's
+every `--method`, without bias correction, with weight rounding and with equalization), with
+quantize_static (after `quant_pre_process`, as onnxruntime recommends; QDQ, per-channel weights;
+MinMax with every type variant, Percentile and Entropy with its default types) and, with `--nncf`, NNCF's
 post-training quantization of the ONNX model (`nncf.quantize`, its defaults: a benchmark-only
 package, pip-installed when missing), all on the same 64 natural-image crops; then
 
@@ -89,7 +89,8 @@ def nncf_quantize(model_path: Path, calib: Path, output: Path) -> None:
 BNQ = {"bnq": {}} | {f"bnq {method}": {"method": method}
                      for method in ("percentile", "entropy", "mse")} | {
     "bnq no bias correction": {"bias_correction": False},
-    "bnq weight rounding": {"weight_rounding": True}}
+    "bnq weight rounding": {"weight_rounding": True},
+    "bnq equalize": {"equalize": True}}
 QUANTIZERS = {label: functools.partial(bnq_quantize, **options)
               for label, options in BNQ.items()} | {
     f"ort {types}": (lambda model, calib, output, types=types:

@@ -41,6 +41,7 @@ from onnx import helper, numpy_helper, version_converter
 from bnq import ops
 from bnq.bias_correction import BiasCorrection, correct_bias
 from bnq.data import SampleData, model_inputs
+from bnq.equalization import Equalization, equalize_layers
 from bnq.errors import ArgumentError, DataError, ModelError
 from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
 from bnq.fusion import FuseReport, fuse
@@ -106,6 +107,7 @@ class CalibrationReport:
     plan: ExecutionPlan  # how the observation was split (the result does not depend on it)
     weights_rounded: int  # weights whose codes GPTQ chose (bnq.rounding); the rest: nearest
     bias_correction: BiasCorrection | None  # None when turned off
+    equalization: Equalization | None  # cross-layer equalization; None when turned off
 
 
 @dataclass
@@ -126,11 +128,12 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
               method: str = "minmax", method_options: dict | None = None, batch_size: int = 32,
               num_samples: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
               workers: int = 1, scheduler: str | None = None, weight_rounding: bool = False,
-              bias_correction: bool = True, progress: Callable[[float], None] | None = None
+              bias_correction: bool = True, equalize: bool = False, progress: Callable[[float], None] | None = None
               ) -> tuple[onnx.ModelProto, CalibrationReport]:
     """Quantize `model` with ranges observed on `data`; `progress(n)` is told of the samples
     done, in each pass over the data (`weight_rounding`, GPTQ in bnq.rounding, and
-    `bias_correction`, bnq.bias_correction, make one more each). `memory_limit` (bytes of
+    `bias_correction`, bnq.bias_correction, make one more each). `equalize` rescales
+    consecutive layers first (bnq.equalization: exact in float). `memory_limit` (bytes of
     activations per process), `workers` (local processes) and `scheduler` (a Dask scheduler's
     address) split the work (`bnq.execution`), never the result."""
     if batch_size < 1:
@@ -145,6 +148,9 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     _check_model(model)
     fused, fusion = fuse(_upgrade(model))
     fused, folded_pools = fold_average_pool(fused)
+    equalization = None
+    if equalize:
+        fused, equalization = equalize_layers(fused)
     plan = _plan(fused)
     if not (plan.activations or plan.batch_norms or plan.bn_inputs):
         raise ModelError("nothing to quantize: the model has no Conv, Gemm or MatMul with "
@@ -186,7 +192,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     return quantized, CalibrationReport(observed.samples, observed.batches, method, formats,
                                         fusion, tuple(tensors), op_counts(quantized),
                                         body_for(quantized), folded_pools, observed.plan,
-                                        len(rounded), corrected)
+                                        len(rounded), corrected, equalization)
 
 
 def _check_model(model: onnx.ModelProto) -> None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the heavy modules (numpy, onnx, onnxruntime) load when a co
 METHODS = ("minmax", "percentile", "entropy", "mse")
 WEIGHT_ROUNDING = False  # bnq.calibrate.calibrate's defaults, checked by tests/test_cli.py too
 BIAS_CORRECTION = True
+EQUALIZE = False
 BACKENDS = ("numpy", "onnxruntime")
 BACKEND_CHOICES = (*BACKENDS, "both")
 # More threads than 4 per core measure only the cost of creating them (4000 took minutes).
@@ -417,6 +418,10 @@ def _progress(description: str, total: int):
               show_default=True,
               help="Correct each Conv/Gemm's int32 bias by the mean output shift quantization "
                    "causes on DATA; one more pass over DATA.")
+@click.option("--equalize/--no-equalize", default=EQUALIZE, show_default=True,
+              help="Cross-layer equalization: rescale the channels between consecutive "
+                   "Conv/Gemm layers (nothing, Relu, LeakyRelu, PRelu or MaxPool between) so "
+                   "their weight ranges match; exact in float.")
 @_execution_options
 @_force_option
 @_json_option
@@ -424,8 +429,8 @@ def _progress(description: str, total: int):
 def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path, method: str,
                       percentile: float, batch_size: int, num_samples: int | None,
                       activation_type: str | None, weight_type: str, reduce_range: bool | None,
-                      weight_rounding: bool, bias_correction: bool, memory_limit: int,
-                      workers: int, scheduler: str | None, force: bool, as_json: bool,
+                      weight_rounding: bool, bias_correction: bool, equalize: bool,
+                      memory_limit: int, workers: int, scheduler: str | None, force: bool, as_json: bool,
                       **image: Any) -> None:
     """Quantize MODEL (float, fused or not) with ranges calibrated on DATA.
 
@@ -453,7 +458,7 @@ def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path,
             float_model, samples, formats=formats, method=method, method_options=options,
             batch_size=batch_size, num_samples=num_samples, memory_limit=memory_limit,
             workers=workers, scheduler=scheduler, weight_rounding=weight_rounding,
-            bias_correction=bias_correction,
+            bias_correction=bias_correction, equalize=equalize,
             progress=lambda n: progress.advance(progress.task_ids[0], n))
     text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
                                           **dataclasses.asdict(report)},
@@ -505,6 +510,10 @@ def _render_calibration(output: Path, report: CalibrationReport) -> None:
     if report.folded_pools:
         out.print(f"[bold]pooling[/]: {len(report.folded_pools)} AveragePool folded into the "
                   "1x1 convolution before it (one strided convolution: stays integer)")
+    if report.equalization is not None:
+        pairs = report.equalization.pairs
+        out.print(f"[bold]equalization[/]: {len(pairs)} pairs of consecutive layers rescaled "
+                  f"to matching weight ranges ({report.equalization.sweeps} sweeps)")
     if report.weights_rounded:
         out.print(f"[bold]weight rounding[/]: {report.weights_rounded} weights rounded by their "
                   "effect on the layer's output (GPTQ)")

@@ -33,6 +33,7 @@ from bnq.graph import (
     check,
     constant_values,
     consumers,
+    drop_unused,
     node_label,
     op_counts,
     output_names,
@@ -126,7 +127,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
     nodes = [added.get(id(node), node) for node in graph.node if id(node) not in removed]
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused(graph, replaced, set(constants))
+    drop_unused(graph, replaced, set(constants))
     ops.attach_functions(result)
     check(result, "the fused model")
     return result, FuseReport(op_counts(model), op_counts(result), tuple(actions))
@@ -289,27 +290,3 @@ def _fold(source: onnx.NodeProto, batch_norm: _BatchNorm, constants: dict[str, n
             if attribute.name == "beta":
                 attribute.f = 1.0
     return folded
-
-
-def _drop_unused(graph: onnx.GraphProto, candidates: set[str], constants: set[str]) -> None:
-    """Remove what the rewrites left unread: nodes that only computed constants, the `candidates`
-    among initializers, and the value_info of tensors that no node writes any more."""
-    keep = output_names(graph) | {value.name for value in graph.input}
-    nodes = list(graph.node)
-    while True:
-        read = {name for node in nodes for name in reads(node)} | keep
-        live = [node for node in nodes
-                if any(name in read or name not in constants for name in node.output)]
-        if len(live) == len(nodes):
-            break
-        nodes = live
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [tensor for tensor in graph.initializer
-            if tensor.name in read or tensor.name not in candidates]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    produced = {name for node in graph.node for name in node.output}
-    infos = [info for info in graph.value_info if info.name in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)

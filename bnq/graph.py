@@ -181,6 +181,30 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ModelError("the model imports no version of the default ONNX domain")
 
 
+def drop_unused(graph: onnx.GraphProto, candidates: set[str], constants: set[str]) -> None:
+    """Remove what the rewrites left unread: nodes that only computed constants, the `candidates`
+    among initializers, and the value_info of tensors that no node writes any more."""
+    keep = output_names(graph) | {value.name for value in graph.input}
+    nodes = list(graph.node)
+    while True:
+        read = {name for node in nodes for name in reads(node)} | keep
+        live = [node for node in nodes
+                if any(name in read or name not in constants for name in node.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [tensor for tensor in graph.initializer
+            if tensor.name in read or tensor.name not in candidates]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    produced = {name for node in graph.node for name in node.output}
+    infos = [info for info in graph.value_info if info.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
 class NameScope:
     """Hands out tensor and node names that the model does not use yet."""
 

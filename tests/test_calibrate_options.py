@@ -158,8 +158,8 @@ def test_default_formats_follow_the_cpu_unless_told(tmp_path, monkeypatch, cpu, 
 def test_json_report_keys(tmp_path):
     report, model = calibrate(tmp_path, *FIXED)
     assert set(report) == {"model", "output", "samples", "batches", "method", "formats",
-                           "fusion", "folded_pools", "weights_rounded", "bias_correction", "tensors",
-                           "ops_after", "body", "plan"}
+                           "fusion", "folded_pools", "weights_rounded", "bias_correction",
+                           "equalization", "tensors", "ops_after", "body", "plan"}
     assert report["batches"] == 2 and report["body"] in BODIES
     assert report["ops_after"]["QLinearBatchNormRelu"] == 6
     roles = {t["role"] for t in report["tensors"]}
@@ -169,6 +169,20 @@ def test_json_report_keys(tmp_path):
         assert set(tensor) == {"name", "role", "granularity", "observer", "rmin", "rmax",
                                "scale_min", "scale_max", "zero_point"}
         assert tensor["rmin"] <= 0 <= tensor["rmax"] and 0 < tensor["scale_min"]
+
+
+def test_equalize_flag_reports_the_pairs(tmp_path):
+    """The sample's one exact pair (the residual block's Conv -> Relu -> Conv), in the JSON
+    report and the text one; off (the default) the report says null."""
+    report, _ = calibrate(tmp_path, *FIXED, "--equalize")
+    assert report["equalization"] == {
+        "pairs": [["/residual/conv1/Conv", "/residual/conv2/Conv"]], "sweeps": 2}
+    result = CliRunner().invoke(cli, ["calibrate", str(SAMPLE), "-d", str(CALIB), "-o",
+                                      str(tmp_path / "e.onnx"), "--num-samples", "64",
+                                      "--equalize", *FIXED])
+    assert result.exit_code == 0, result.output
+    assert "equalization: 1 pairs of consecutive layers rescaled" in result.stdout
+    assert calibrate(tmp_path, *FIXED)[0]["equalization"] is None
 
 
 def test_non_finite_figures_are_null_in_strict_json(tmp_path):

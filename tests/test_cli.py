@@ -110,6 +110,7 @@ def test_choices_spelled_in_the_cli_match_the_registries():
     defaults = inspect.signature(calibrate).parameters
     assert cli_module.WEIGHT_ROUNDING == defaults["weight_rounding"].default
     assert cli_module.BIAS_CORRECTION == defaults["bias_correction"].default
+    assert cli_module.EQUALIZE == defaults["equalize"].default
 
 
 def test_arguments_of_the_other_mode_are_usage_errors():
