@@ -128,7 +128,8 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
               method: str = "minmax", method_options: dict | None = None, batch_size: int = 32,
               num_samples: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
               workers: int = 1, scheduler: str | None = None, weight_rounding: bool = False,
-              bias_correction: bool = True, equalize: bool = False, progress: Callable[[float], None] | None = None
+              bias_correction: bool = True, equalize: bool = False,
+              progress: Callable[[float], None] | None = None
               ) -> tuple[onnx.ModelProto, CalibrationReport]:
     """Quantize `model` with ranges observed on `data`; `progress(n)` is told of the samples
     done, in each pass over the data (`weight_rounding`, GPTQ in bnq.rounding, and

@@ -430,8 +430,8 @@ def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path,
                       percentile: float, batch_size: int, num_samples: int | None,
                       activation_type: str | None, weight_type: str, reduce_range: bool | None,
                       weight_rounding: bool, bias_correction: bool, equalize: bool,
-                      memory_limit: int, workers: int, scheduler: str | None, force: bool, as_json: bool,
-                      **image: Any) -> None:
+                      memory_limit: int, workers: int, scheduler: str | None, force: bool,
+                      as_json: bool, **image: Any) -> None:
     """Quantize MODEL (float, fused or not) with ranges calibrated on DATA.
 
     Conv/Gemm/MatMul get int8 weights per output channel and quantized activations (QDQ, which

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 from graphs import make_model, max_relative_error, random_feeds, run_ort
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 from bnq.calibrate import calibrate
@@ -130,7 +132,8 @@ def conv_pair(*, second=None, second_weight=(4, 6, 3, 3), between=("Relu",), bia
     """x (3 channels) -> Conv 3x3 -> `between` ops -> Conv 3x3 (`second` attributes) -> y, with
     weights whose rows are spread over three decades; `extra` nodes and `outputs` added."""
     rng = np.random.default_rng(0)
-    w1 = rng.standard_normal(first_weight) * 10.0 ** rng.uniform(-1.5, 1.5, (first_weight[0], 1, 1, 1))
+    spread = 10.0 ** rng.uniform(-1.5, 1.5, (first_weight[0], 1, 1, 1))
+    w1 = rng.standard_normal(first_weight) * spread
     initializers = {"w1": w1.astype(np.float32),
                     "w2": rng.standard_normal(second_weight).astype(np.float32),
                     "b1": rng.standard_normal(first_weight[0]).astype(np.float32)}
@@ -163,6 +166,46 @@ def test_grouped_and_depthwise_second_layers_scale_the_inputs_of_their_groups(gr
     after = weights_of(equalized)
     np.testing.assert_allclose(output_ranges(after["c0"][0]),
                                input_ranges(after["y"][0], groups), rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spatial=st.integers(1, 3), channels_per_group=st.integers(1, 3), groups=st.integers(1, 4),
+       multiplier=st.integers(1, 3), between=st.lists(st.sampled_from(
+           ["Relu", "LeakyRelu", "MaxPool"]), max_size=2), bias=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_any_pair_of_convolutions_stays_exact_and_matches_its_ranges(
+        spatial, channels_per_group, groups, multiplier, between, bias, seed):
+    """Conv 1-D, 2-D or 3-D (C = groups x channels_per_group outputs, rows spread over four
+    decades) -> Relu / LeakyRelu / MaxPool -> Conv of `groups` groups, `multiplier` outputs per
+    group input: exact, and r1[c] = r2[c] for every channel."""
+    rng = np.random.default_rng(seed)
+    c = groups * channels_per_group
+    kernel = (3,) * spatial
+    w1 = rng.standard_normal((c, 2, *kernel)) * 10.0 ** rng.uniform(-2, 2, (c,) + (1,) * (
+        spatial + 1))
+    initializers = {"w1": w1.astype(np.float32),
+                    "w2": rng.standard_normal((groups * multiplier, channels_per_group, *kernel))
+                    .astype(np.float32)}
+    if bias:
+        initializers["b1"] = rng.standard_normal(c).astype(np.float32)
+    pads = [1] * (2 * spatial)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"] if bias else ["x", "w1"], ["t0"],
+                              pads=pads)]
+    for index, op in enumerate(between):
+        options = ({"kernel_shape": [2] * spatial, "pads": [1] * (2 * spatial)}
+                   if op == "MaxPool" else {})
+        nodes.append(helper.make_node(op, [f"t{index}"], [f"t{index + 1}"], **options))
+    nodes.append(helper.make_node("Conv", [f"t{len(between)}", "w2"], ["y"], pads=pads,
+                                  group=groups))
+    model = make_model(nodes, [("x", ["N", 2, *[5] * spatial])],
+                       [("y", ["N", groups * multiplier, *["s"] * spatial])], opset=19,
+                       initializers=initializers)
+    equalized, report = equalize_layers(model)
+    assert len(report.pairs) == 1
+    assert_exact(model, equalized)
+    after = weights_of(equalized)
+    np.testing.assert_allclose(output_ranges(after["t0"][0]), input_ranges(after["y"][0], groups),
+                               rtol=1e-6)
 
 
 def test_a_first_layer_without_bias_is_equalized_and_gets_none():
