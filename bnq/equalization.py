@@ -78,7 +78,7 @@ class _Layer:
         self.transposed_input = bool(attributes.get("transA", 0))  # channels on A's rows
         self.groups = int(attributes.get("group", 1))
         rows = weight.T if self.transposed else weight
-        self.rows = rows.astype(np.float64)
+        self.rows = np.array(rows, np.float64, order="C")  # reshaped views write into it
         self.bias = None if bias is None else bias.astype(np.float64)
         # a Gemm's C may be (O,) or (1, O), scaled along its last axis; a C broadcast over the
         # rows, or a scalar, is not per output channel
@@ -122,17 +122,7 @@ def equalize_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Equalizati
     result.CopyFrom(model)
     graph = result.graph
     constants = constant_values(result)
-    readers = consumers(graph)
-    outputs = output_names(graph)
-    layers: dict[int, _Layer] = {}
-    pairs: list[tuple[_Layer, _Layer]] = []
-    for node in graph.node:
-        first = _layer(node, constants, layers)
-        if first is None or not first.bias_per_channel:
-            continue
-        second = _layer(_next_layer(node, readers, outputs), constants, layers)
-        if second is not None and not second.transposed_input and first.outputs == second.inputs:
-            pairs.append((first, second))
+    pairs = _pairs(graph, constants)
     if not pairs:
         return result, Equalization((), 0)
     sweeps = _equalize(pairs)
@@ -153,6 +143,24 @@ def equalize_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Equalizati
     drop_unused(graph, replaced, set(constants))
     return result, Equalization(
         tuple((node_label(a.node), node_label(b.node)) for a, b in pairs), sweeps)
+
+
+def _pairs(graph: onnx.GraphProto, constants: dict[str, np.ndarray]
+           ) -> list[tuple[_Layer, _Layer]]:
+    """Every (first, second) layer pair that can be rescaled exactly, in graph order; a chain's
+    middle layer is one object in both of its pairs."""
+    readers = consumers(graph)
+    outputs = output_names(graph)
+    layers: dict[int, _Layer] = {}
+    pairs = []
+    for node in graph.node:
+        first = _layer(node, constants, layers)
+        if first is None or not first.bias_per_channel:
+            continue
+        second = _layer(_next_layer(node, readers, outputs), constants, layers)
+        if second is not None and not second.transposed_input and first.outputs == second.inputs:
+            pairs.append((first, second))
+    return pairs
 
 
 def _equalize(pairs: list[tuple[_Layer, _Layer]]) -> int:
