@@ -64,7 +64,8 @@ def ort_quantize(model: Path, x: np.ndarray, output: Path, *, batch: int = 32,
 
 
 def session(model: onnx.ModelProto | Path, optimized: Path | None = None,
-            optimize: bool = True) -> ort.InferenceSession:
+            optimize: bool = True, disabled_optimizers: tuple[str, ...] = ()
+            ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if not optimize:  # QDQ pairs run as written, in float: the error of the ranges alone
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -74,7 +75,8 @@ def session(model: onnx.ModelProto | Path, optimized: Path | None = None,
         options.optimized_model_filepath = str(optimized)
         options.log_severity_level = 3  # not the warning that NCHWc layouts are CPU-specific
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 def interleaved(runs: dict, rounds: int, calls: int) -> dict[str, list[float]]:

@@ -1,7 +1,7 @@
 """`bnq calibrate` at scale: peak memory of the whole process tree, and throughput with local
 worker processes and a local Dask cluster.
 
-    python benchmarks/scale.py MODELS_DIR [--model densenet121] [--repeats 3]
+    python benchmarks/scale.py MODELS_DIR [--model densenet121] [--repeats 3] [--baseline DIR]
 
 MODELS_DIR holds what `python benchmarks/models.py MODELS_DIR` builds (the torchvision model and
 calib.npz, 64 samples). Every run is `bnq calibrate` in a fresh subprocess; this script samples
@@ -10,8 +10,11 @@ their sum, and the command's wall time. Configurations run interleaved, round by
 the noise of a shared machine falls on all of them alike; medians are printed.
 
 1. Memory and time with the defaults (one process, `--memory-limit 1GiB`, batches of 32, 64
-   samples) against today's single-pass observation, which holds every observed tensor of a
-   whole batch (`--memory-limit 100GiB`), at batch 8 (at 32 it takes 7.8 GB).
+   samples, bias correction on), the same without bias correction (its second pass over the
+   data), and the single-pass observation that holds every observed tensor of a whole batch
+   (`--memory-limit 100GiB`), at batch 8 (at 32 it takes 7.8 GB); with `--baseline DIR`, also
+   the defaults of the bnq package in DIR (an older version: `git archive dc386bc bnq | tar -x
+   -C DIR` for bnq 0.1), run the same way.
 2. Scaling, `--batch-size 8` so that the batches spread over the workers: throughput of the
    observation alone, (64 - 16) samples / (time at 64 samples - time at 16), which takes the
    fixed costs (loading, fusing, writing the quantized model) out. `1 worker x 1 thread` is
@@ -50,13 +53,14 @@ def ensure_installed() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
 
 
-def measure(command: list[str]) -> tuple[float, int]:
-    """(seconds, peak bytes of the process tree's summed RSS) of `command`."""
+def measure(command: list[str], root: Path = ROOT) -> tuple[float, int]:
+    """(seconds, peak bytes of the process tree's summed RSS) of `command`, with the bnq package
+    of `root`."""
     import psutil
 
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, "PYTHONPATH": str(root)})
     peak = 0
     done = threading.Event()
 
@@ -86,6 +90,8 @@ def main() -> None:
     parser.add_argument("models_dir", type=Path)
     parser.add_argument("--model", default="densenet121")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", type=Path,
+                        help="a directory holding an older bnq package, to time its defaults")
     args = parser.parse_args()
     ensure_installed()
     import distributed
@@ -103,8 +109,14 @@ def main() -> None:
         bnq = [sys.executable, "-m", "bnq", "calibrate", str(model), "-d", str(data), "--force"]
         small = ["--batch-size", "8"]
         defaults = {"default (batch 32, 1GiB)": [*bnq, "--num-samples", "64"],
-                    "today's, batch 8": [*bnq, "--num-samples", "64", *small,
-                                         "--memory-limit", "100GiB"]}
+                    "default, no bias correction": [*bnq, "--num-samples", "64",
+                                                    "--no-bias-correction"],
+                    "one pass, batch 8": [*bnq, "--num-samples", "64", *small,
+                                          "--memory-limit", "100GiB"]}
+        roots = {name: ROOT for name in defaults}
+        if args.baseline:
+            defaults["baseline's default"] = [*bnq, "--num-samples", "64"]
+            roots["baseline's default"] = args.baseline.resolve()
         scaling = {"1 worker x 1 thread": (["taskset", "-c", "0", *bnq, *small], 1)}
         scaling |= {f"{n} workers x 1 thread": ([*bnq, *small, "--workers", str(n)], n)
                     for n in range(2, cores + 1)}
@@ -119,7 +131,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, command in jobs:
                 output = Path(scratch) / "q.onnx"
-                runs.setdefault(name, []).append(measure([*command, "-o", str(output)]))
+                runs.setdefault(name, []).append(measure([*command, "-o", str(output)],
+                                                         roots.get(name, ROOT)))
+                if name in ("default, no bias correction", "baseline's default"):
+                    continue  # another option, or another bnq: other bytes
                 outputs.setdefault(command[command.index("--num-samples") + 1], set()).add(
                     output.read_bytes())
                 print(f"  {name}: {runs[name][-1][0]:.1f} s, {runs[name][-1][1] / 1e6:.0f} MB",

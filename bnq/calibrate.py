@@ -147,8 +147,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
             raise ModelError(f"BatchNormalization {node_label(node)} is in training mode (its "
                              "output depends on the batch); export the model in eval mode")
     _check_model(model)
-    fused, fusion = fuse(_upgrade(model))
-    fused, folded_pools = fold_average_pool(fused)
+    fused, fusion, folded_pools = prepare(model)
     equalization = None
     if equalize:
         fused, equalization = equalize_layers(fused)
@@ -194,6 +193,16 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                                         fusion, tuple(tensors), op_counts(quantized),
                                         body_for(quantized), folded_pools, observed.plan,
                                         len(rounded), corrected, equalization)
+
+
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport, tuple[str, ...]]:
+    """The float model `calibrate` quantizes, its fusion report and the AveragePool nodes folded:
+    `model` at opset 19 or later, fused (`bnq.fuse`), with DenseNet's Conv 1x1 + AveragePool
+    transitions folded (`bnq.rewrites`). Node and tensor names carry over to the quantized
+    model, whose layers this float model is the reference of."""
+    fused, fusion = fuse(_upgrade(model))
+    fused, folded_pools = fold_average_pool(fused)
+    return fused, fusion, folded_pools
 
 
 def _check_model(model: onnx.ModelProto) -> None:
