@@ -5,9 +5,10 @@ DenseNet-121, ResNet-50 and MobileNetV2 (`benchmarks/models.py` builds them).
                                      [--rounds 15] [--json OUT] [--variants 'bnq*,ort*'] [--nncf]
 
 For each model, in one run: quantize it with bnq (`calibrate()`, default formats; its default,
-every `--method`, without bias correction, with weight rounding and with equalization), with
-quantize_static (after `quant_pre_process`, as onnxruntime recommends; QDQ, per-channel weights;
-MinMax with every type variant, Percentile and Entropy with its default types) and, with `--nncf`, NNCF's
+`auto`, every other `--method`, without bias correction, with weight rounding and with
+equalization), with quantize_static (after `quant_pre_process`, as onnxruntime recommends; QDQ,
+per-channel weights; MinMax with every type variant, Percentile and Entropy with its default
+types) and, with `--nncf`, NNCF's
 post-training quantization of the ONNX model (`nncf.quantize`, its defaults: a benchmark-only
 package, pip-installed when missing), all on the same 64 natural-image crops; then
 
@@ -87,7 +88,7 @@ def nncf_quantize(model_path: Path, calib: Path, output: Path) -> None:
 
 
 BNQ = {"bnq": {}} | {f"bnq {method}": {"method": method}
-                     for method in ("percentile", "entropy", "mse")} | {
+                     for method in ("auto", "percentile", "entropy", "mse")} | {
     "bnq no bias correction": {"bias_correction": False},
     "bnq weight rounding": {"weight_rounding": True},
     "bnq equalize": {"equalize": True}}

@@ -14,21 +14,26 @@ correction does the same)::
 
 One onnxruntime run per batch computes every ``d``: the float model, plus for each layer a copy
 that reads the float tensor through its quantizer and the dequantized integer weights, and a
-``ReduceMean`` of the difference. The integer formats are unchanged: int32 bias initializers
-get new values, and a layer without a bias gets an int32 one (a DequantizeLinear that
-onnxruntime folds into its QLinearConv / QGemm, as the others).
+``ReduceMean`` of the difference. Several quantized models (method ``auto``'s candidates,
+``bnq.choice``) are corrected in the same run, each on all the samples or on those of one fold.
+The integer formats are unchanged: int32 bias initializers get new values, and a layer without a
+bias gets an int32 one (a DequantizeLinear that onnxruntime folds into its QLinearConv / QGemm,
+as the others).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import hashlib
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bnq.choice import in_fold
 from bnq.execution import Job, RunResult
 from bnq.graph import NameScope, check, constant_values, producers
 
@@ -53,18 +58,42 @@ class _Layer:
     axes: list[int]  # output axes averaged over per sample (the spatial axes of a Conv)
 
 
-def correct_bias(quantized: onnx.ModelProto, reference: onnx.ModelProto,
-                 execute: Callable[[Job], RunResult]) -> tuple[onnx.ModelProto, BiasCorrection]:
-    """``quantized`` with its int32 biases corrected by the mean shifts measured against
-    ``reference``, the float model it was quantized from (fused, same tensor names); ``execute``
-    runs a job over the calibration data (``bnq.execution.run`` with the data and options)."""
-    layers = _layers(quantized, reference)
+def correct_biases(models: Sequence[onnx.ModelProto], reference: onnx.ModelProto,
+                   execute: Callable[[Job], RunResult], folds: Sequence[int] | None = None
+                   ) -> list[tuple[onnx.ModelProto, BiasCorrection]]:
+    """Each of ``models``, quantized from ``reference`` (the fused float model, same tensor
+    names), with its int32 biases corrected by the mean shifts measured against ``reference``;
+    ``execute`` runs a job over the calibration data (``bnq.execution.run`` with the data and
+    options), ``folds[i]``, when given, the fold (``bnq.choice``) of the samples model i is
+    corrected on, else all. One run measures every model: a layer depends only on its own input
+    quantizer and weights, so a layer the models quantize alike is probed once."""
+    layers = [_layers(model, reference) for model in models]
+    subsets = list(folds or [None] * len(models))
+    probed: dict[int | None, dict[tuple, _Layer]] = {subset: {} for subset in subsets}
+    for model_layers, subset in zip(layers, subsets):
+        for layer in model_layers:
+            probed[subset].setdefault(_key(layer), layer)
+    probed = {subset: found for subset, found in probed.items() if found}
+    if not probed:
+        return [(model, BiasCorrection(0, 0.0, 0.0)) for model in models]
+    probes = [_probe(reference, list(found.values())) for found in probed.values()]
+    job = Job(tuple(probe for probe, _ in probes), ("onnxruntime",) * len(probes),
+              (tuple(tuple(names) for _, names in probes),),
+              functools.partial(_Shifts, len(probes)), (),
+              tuple(None if subset is None else functools.partial(in_fold, subset)
+                    for subset in probed))
+    shifts = execute(job).accumulator.means()
+    where = {(subset, key): (index, name) for index, (subset, found) in enumerate(probed.items())
+             for key, name in zip(found, probes[index][1])}
+    return [_corrected(model, model_layers,
+                       [shifts[where[subset, _key(layer)]] for layer in model_layers])
+            for model, model_layers, subset in zip(models, layers, subsets)]
+
+
+def _corrected(quantized: onnx.ModelProto, layers: list[_Layer], shifts: list[np.ndarray]
+               ) -> tuple[onnx.ModelProto, BiasCorrection]:
     if not layers:
         return quantized, BiasCorrection(0, 0.0, 0.0)
-    probe, names = _probe(reference, layers)
-    job = Job((probe,), ("onnxruntime",), ((tuple(names),),), functools.partial(_Shifts, names))
-    accumulator = execute(job).accumulator
-    shifts = [accumulator.mean(name) for name in names]
     result = onnx.ModelProto()
     result.CopyFrom(quantized)
     graph = result.graph
@@ -111,24 +140,34 @@ def _new_bias(graph: onnx.GraphProto, scope: NameScope, layer: _Layer,
                             name=scope.fresh(f"{base}_bias_DequantizeLinear"))
 
 
-class _Shifts:
-    """Accumulator of ``bnq.execution``: each sample's per-channel mean shift, kept in sample
-    order (units merge in order), so that the means, and the model, are the same bit for bit
-    however the work is split into micro-batches, passes and workers."""
+def _key(layer: _Layer) -> tuple:
+    """What a layer's shift depends on: the layer, its input quantizer and its weights."""
+    return (layer.node.output[0], layer.source, layer.input_qdq[0].tobytes(),
+            layer.input_qdq[1].tobytes(), hashlib.sha256(layer.weight.tobytes()).digest())
 
-    def __init__(self, names: list[str]) -> None:
-        self.samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
+
+class _Shifts:
+    """Accumulator of ``bnq.execution``: per probe model, each sample's per-channel mean shifts,
+    kept in sample order (units merge in order), so that the means, and the model, are the same
+    bit for bit however the work is split into micro-batches, passes and workers."""
+
+    def __init__(self, probes: int) -> None:
+        self.samples: list[dict[str, list[np.ndarray]]] = [{} for _ in range(probes)]
 
     def update(self, batch, fetched, groups) -> None:
-        for name, shifts in fetched[0].items():
-            self.samples[name].append(shifts)
+        for mine, tensors in zip(self.samples, fetched):
+            for name, shifts in tensors.items():
+                mine.setdefault(name, []).append(shifts)
 
     def merge(self, other: _Shifts) -> None:
-        for name, parts in other.samples.items():
-            self.samples[name].extend(parts)
+        for mine, theirs in zip(self.samples, other.samples):
+            for name, parts in theirs.items():
+                mine.setdefault(name, []).extend(parts)
 
-    def mean(self, name: str) -> np.ndarray:
-        return np.concatenate(self.samples[name]).astype(np.float64).mean(axis=0)
+    def means(self) -> dict[tuple[int, str], np.ndarray]:
+        """(probe, tensor) -> the mean over the samples the probe ran on."""
+        return {(index, name): np.concatenate(parts).astype(np.float64).mean(axis=0)
+                for index, probe in enumerate(self.samples) for name, parts in probe.items()}
 
 
 def _layers(quantized: onnx.ModelProto, reference: onnx.ModelProto) -> list[_Layer]:

@@ -21,6 +21,9 @@ The quantized model has three kinds of quantized tensors:
   its own observer. Each node's output scale is the observed one, or the nearest for which the
   integer body (one depthwise QLinearConv, `bnq.integer`) is exact, else the float body.
 
+Method `auto` builds the model of every other method and keeps the one whose outputs come
+closest to the float model's, cross-validated on the calibration samples (`bnq.choice`).
+
 The observers see one micro-batch at a time and merge exactly (`bnq.observers`), so
 `bnq.execution` can run the model in bounded memory, in worker processes or on a cluster and the
 quantized model is the same, byte for byte.
@@ -39,11 +42,12 @@ import onnx.inliner
 from onnx import helper, numpy_helper, version_converter
 
 from bnq import ops
-from bnq.bias_correction import BiasCorrection, correct_bias
+from bnq.bias_correction import BiasCorrection, correct_biases
+from bnq.choice import FOLDS, MethodChoice, choose, fold
 from bnq.data import SampleData, model_inputs
 from bnq.equalization import Equalization, equalize_layers
 from bnq.errors import ArgumentError, DataError, ModelError
-from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
+from bnq.execution import DEFAULT_MEMORY_LIMIT, SAMPLE, ExecutionPlan, Job, run
 from bnq.fusion import FuseReport, fuse
 from bnq.graph import (
     NameScope,
@@ -59,7 +63,7 @@ from bnq.graph import (
     reads,
 )
 from bnq.machine import IntegerFormats
-from bnq.observers import Observer, make_observer
+from bnq.observers import CANDIDATES, CandidateObserver, Observer, make_observer
 from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
 from bnq.rewrites import fold_average_pool
 from bnq.quantization import QuantParams, quant_range, quantize, weight_qparams
@@ -74,8 +78,11 @@ WEIGHTED = ("Conv", "Gemm", "MatMul")
 # AveragePool on the sample (a 1x1 Conv + AveragePool is folded into one Conv instead:
 # `bnq.rewrites`).
 QUANTIZED_IO = ("GlobalAveragePool", "MaxPool", "Add")
-# Ops that move values without changing them: their output reuses their input's parameters.
-PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+# Ops that move or pick values without changing them: their output reuses their input's
+# parameters. MaxPool too: onnxruntime then runs it on the codes with no requantization, which
+# its own range, narrower for the histogram methods, cost (1 DequantizeLinear, 1 QuantizeLinear
+# and 2 Transposes more in ResNet-50's optimized graph).
+PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "MaxPool")
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class CalibrationReport:
     weights_rounded: int  # weights whose codes GPTQ chose (bnq.rounding); the rest: nearest
     bias_correction: BiasCorrection | None  # None when turned off
     equalization: Equalization | None  # cross-layer equalization; None when turned off
+    choice: MethodChoice | None  # what method "auto" measured and kept; None for the others
 
 
 @dataclass
@@ -133,8 +141,9 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
               ) -> tuple[onnx.ModelProto, CalibrationReport]:
     """Quantize `model` with ranges observed on `data`; `progress(n)` is told of the samples
     done, in each pass over the data (`weight_rounding`, GPTQ in bnq.rounding, and
-    `bias_correction`, bnq.bias_correction, make one more each). `equalize` rescales
-    consecutive layers first (bnq.equalization: exact in float). `memory_limit` (bytes of
+    `bias_correction`, bnq.bias_correction, make one more each; method `auto`, bnq.choice, one
+    more, and one more again with bias correction). `equalize` rescales consecutive layers
+    first (bnq.equalization: exact in float). `memory_limit` (bytes of
     activations per process), `workers` (local processes) and `scheduler` (a Dask scheduler's
     address) split the work (`bnq.execution`), never the result."""
     if batch_size < 1:
@@ -163,36 +172,48 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     where = {name: f"tensor {name!r}" + (f" (output of {writers[name].op_type} "
                                          f"{node_label(writers[name])})" if name in writers else "")
              for name in per_channel}
+    auto = method == "auto"
     make_observers = functools.partial(_Observation, per_channel, where, method,
-                                       method_options or {})
+                                       method_options or {}, FOLDS if auto else 1)
     make_observers()  # bad options fail here, before any work
     job = Job((fused,), ("onnxruntime",), tuple(((name,),) for name in per_channel),
-              make_observers)
+              make_observers, (SAMPLE,) if auto else ())
     execute = functools.partial(run, data=data, batch_size=batch_size, num_samples=num_samples,
                                 memory_limit=memory_limit, workers=workers, scheduler=scheduler,
                                 progress=progress)
     observed = execute(job)
-    qparams = {name: observer.qparams(activation)
-               for name, observer in observed.accumulator.observers.items()}
-    for name, bounds in plan.clips.items():
-        qparams[name] = _inside(qparams[name], *bounds)
-    for alias, source in plan.aliases.items():
-        qparams[alias] = qparams[source]
+    observers = observed.accumulator.merged()
     rounded = round_weights(fused, formats, execute) if weight_rounding else {}
+    choice = None
+    if auto:
+        unsplit = sorted(observed.accumulator.unsplit)
+        if observed.samples < FOLDS:
+            choice = MethodChoice("minmax", {}, f"{observed.samples} sample: none left to "
+                                                "score the methods on")
+        elif unsplit:
+            choice = MethodChoice("minmax", {}, f"{where[unsplit[0]]} does not have the samples "
+                                                "on its first axis: its folds cannot be told apart")
+        else:
+            choice = _choose(fused, plan, observed.accumulator.folds, activation, formats,
+                             rounded, execute, bias_correction)
+        observers = {name: observer.candidate(choice.chosen)
+                     for name, observer in observers.items()}
+    chosen = choice.chosen if choice else method
+    qparams = _qparams(plan, observers, activation)
     quantized, weights = _rewrite(fused, plan, qparams, formats, rounded)
     check(quantized, "the quantized model")
     corrected = None
     if bias_correction:
-        quantized, corrected = correct_bias(quantized, fused, execute)
-    tensors = [_describe(name, "activation", method, qparams[name]) for name in plan.activations]
-    tensors += [_describe(name, "bn input", method, qparams[name]) for name in plan.bn_inputs]
-    tensors += [_describe(node.output[0], "bn output", method, qparams[node.output[0]])
+        [(quantized, corrected)] = correct_biases([quantized], fused, execute)
+    tensors = [_describe(name, "activation", chosen, qparams[name]) for name in plan.activations]
+    tensors += [_describe(name, "bn input", chosen, qparams[name]) for name in plan.bn_inputs]
+    tensors += [_describe(node.output[0], "bn output", chosen, qparams[node.output[0]])
                 for node in plan.batch_norms]
     tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
     return quantized, CalibrationReport(observed.samples, observed.batches, method, formats,
                                         fusion, tuple(tensors), op_counts(quantized),
                                         body_for(quantized), folded_pools, observed.plan,
-                                        len(rounded), corrected, equalization)
+                                        len(rounded), corrected, equalization, choice)
 
 
 def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport, tuple[str, ...]]:
@@ -203,6 +224,41 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport, tuple[
     fused, fusion = fuse(_upgrade(model))
     fused, folded_pools = fold_average_pool(fused)
     return fused, fusion, folded_pools
+
+
+def _choose(fused: onnx.ModelProto, plan: _Plan, folds: list[dict[str, CandidateObserver]],
+            activation: np.dtype, formats: IntegerFormats, rounded: dict[str, np.ndarray],
+            execute: Callable, bias_correction: bool) -> MethodChoice:
+    """Method auto: every method's model of each fold, bias-corrected on that fold's samples
+    (as calibration would), scored on the other fold (`bnq.choice`)."""
+    candidates = {}
+    for method in CANDIDATES:
+        candidates[method] = []
+        for observers in folds:
+            qparams = _qparams(plan, {name: observer.candidate(method)
+                                      for name, observer in observers.items()}, activation)
+            model = _rewrite(fused, plan, qparams, formats, rounded)[0]
+            check(model, f"the quantized model of method {method}")
+            candidates[method].append(model)
+    if bias_correction:
+        models = [model for per_fold in candidates.values() for model in per_fold]
+        corrected = iter(correct_biases(models, fused, execute,
+                                        [f for _ in candidates for f in range(len(folds))]))
+        candidates = {method: [next(corrected)[0] for _ in per_fold]
+                      for method, per_fold in candidates.items()}
+    return choose(fused, candidates, execute)
+
+
+def _qparams(plan: _Plan, observers: dict[str, Observer], activation: np.dtype
+             ) -> dict[str, QuantParams]:
+    """Each planned tensor's parameters from its observer, inside a Clip's bounds after it; a
+    pass-through output takes its input's."""
+    qparams = {name: observer.qparams(activation) for name, observer in observers.items()}
+    for name, bounds in plan.clips.items():
+        qparams[name] = _inside(qparams[name], *bounds)
+    for alias, source in plan.aliases.items():
+        qparams[alias] = qparams[source]
+    return qparams
 
 
 def _check_model(model: onnx.ModelProto) -> None:
@@ -363,33 +419,57 @@ def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
 
 
 class _Observation:
-    """The observers of a calibration, one per tensor, fed by `bnq.execution`; `where` names
-    each tensor for the user."""
+    """The observers of a calibration, one per tensor and fold (`bnq.choice`; one fold but for
+    method auto), fed by `bnq.execution`; `where` names each tensor for the user."""
 
     def __init__(self, per_channel: dict[str, bool], where: dict[str, str], method: str,
-                 options: dict) -> None:
+                 options: dict, folds: int = 1) -> None:
         self.where = where
-        self.observers: dict[str, Observer] = {
-            name: make_observer(method, per_channel=channels, **options)
-            for name, channels in per_channel.items()}
+        self.make = functools.partial(make_observer, method, **options)
+        self.per_channel = per_channel
+        self.folds: list[dict[str, Observer]] = [
+            {name: self.make(per_channel=channels) for name, channels in per_channel.items()}
+            for _ in range(folds)]
+        self.unsplit: set[str] = set()  # tensors seen without the samples on axis 0: in fold 0
 
     def update(self, batch: dict[str, np.ndarray], fetched: list[dict[str, np.ndarray]],
                groups: tuple[int, ...]) -> None:
+        count = len(next(iter(batch.values())))
+        sample_folds = fold(batch[SAMPLE]) if len(self.folds) > 1 else np.zeros(count, int)
         for name, value in fetched[0].items():
-            count = len(next(iter(batch.values())))
             if value.size == 0:
                 raise ModelError(f"{self.where[name]} is empty (shape {list(value.shape)} for "
                                  f"{count} samples): there is nothing to calibrate; fix the model")
-            try:
-                self.observers[name].update(value)
-            except DataError as error:  # non-finite values: the samples are finite, checked
-                raise ModelError(f"{self.where[name]} holds NaN or infinity, although the "
-                                 "samples are finite: the model's arithmetic overflows there; "
-                                 "check the weights that produce it") from error
+            unsplit = len(self.folds) > 1 and (value.ndim == 0 or value.shape[0] != count)
+            if unsplit:
+                self.unsplit.add(name)
+            for index, observers in enumerate(self.folds):
+                rows = np.full(count, index == 0) if unsplit else sample_folds == index
+                if not rows.any():
+                    continue
+                try:
+                    observers[name].update(value if rows.all() else value[rows])
+                except DataError as error:  # non-finite values: the samples are finite, checked
+                    raise ModelError(f"{self.where[name]} holds NaN or infinity, although the "
+                                     "samples are finite: the model's arithmetic overflows "
+                                     "there; check the weights that produce it") from error
 
     def merge(self, other: _Observation) -> None:
-        for name, observer in other.observers.items():
-            self.observers[name].merge(observer)
+        for mine, theirs in zip(self.folds, other.folds):
+            for name, observer in theirs.items():
+                mine[name].merge(observer)
+        self.unsplit |= other.unsplit
+
+    def merged(self) -> dict[str, Observer]:
+        """One observer per tensor, of all the folds' samples."""
+        if len(self.folds) == 1:
+            return self.folds[0]
+        merged = {}
+        for name, channels in self.per_channel.items():
+            merged[name] = self.make(per_channel=channels)
+            for observers in self.folds:
+                merged[name].merge(observers[name])
+        return merged
 
 
 class _Builder:

@@ -6,7 +6,9 @@ their outputs, in groups (tensors fetched together: a node's output in both mode
 (`update(batch, fetched)`) whose `merge` is exact. The result is therefore the same, bit for bit,
 however the work is split:
 
-* **Micro-batches.** A batch of the data is run in slices of `micro_batch` samples.
+* **Micro-batches.** A batch of the data is run in slices of `micro_batch` samples. A model
+  of the job may run on some samples only (`Job.samples`, chosen by their indices in the data:
+  `bnq.choice`'s folds), which its results per sample do not depend on.
 * **Passes.** When even one sample's tensors exceed the memory limit, the groups are fetched in
   several passes over the data, each pass running the models again for its groups only.
 * **Workers.** Units of work (one pass over one batch) run in worker processes, each with its
@@ -52,9 +54,12 @@ import onnx
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, BnqError, DataError, one_line
 from bnq.graph import NameScope, concrete_shapes, with_outputs
-from bnq.runtime import make_runner
+from bnq.runtime import fixed_batch, make_runner
 
 DEFAULT_MEMORY_LIMIT = 1 << 30
+# A key a Job may list in `keys`: each sample's index in the data (0, 1, ... in data order),
+# handed to the accumulators in every pass, whatever the split.
+SAMPLE = "bnq:sample"
 _POLL_SECONDS = 0.2  # how often the caller looks for dead workers while waiting
 
 
@@ -75,13 +80,17 @@ class Accumulator(Protocol):
 @dataclass(frozen=True)
 class Job:
     """What to run: `groups[g][m]` are tensors of model `m` fetched together; group 0 is
-    fetched in the first pass, with the data's extra `keys` (such as labels)."""
+    fetched in the first pass, with the data's extra `keys` (such as labels; `SAMPLE`, the
+    samples' indices, comes in every pass)."""
 
     models: tuple[onnx.ModelProto, ...]
     backends: tuple[str, ...]
     groups: tuple[tuple[tuple[str, ...], ...], ...]
     accumulator: Callable[[], Accumulator]
     keys: tuple[str, ...] = ()
+    # Per model (all when empty or None): which samples of a micro-batch it runs on, a mask
+    # from their indices; the accumulators get that model's tensors of those samples only.
+    samples: tuple[Callable[[np.ndarray], np.ndarray] | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,7 @@ class _Shard:
                  micro_batch: int, threads: int, batch_size: int) -> None:
         self.job, self.data, self.passes = job, data, passes
         self.micro_batch, self.threads, self.batch_size = micro_batch, threads, batch_size
+        self.fixed = [fixed_batch(model) or 1 for model in job.models]
         self._lock = threading.Lock()
         self._runners: tuple[int, list] | None = None
 
@@ -215,8 +225,9 @@ class _Shard:
             return self._runners[1]
 
     def keys(self, pass_index: int) -> tuple[str, ...]:
-        """The data's extra keys a pass reads: the job's in the first pass, none after."""
-        return self.job.keys if pass_index == 0 else ()
+        """The data's extra keys a pass reads: the job's in the first pass (but SAMPLE, which
+        bnq numbers itself), none after."""
+        return tuple(key for key in self.job.keys if key != SAMPLE) if pass_index == 0 else ()
 
     def batches(self, unit: tuple[int, int, int]) -> Iterator[dict[str, np.ndarray]]:
         """The data of a unit, read from the data path."""
@@ -233,15 +244,30 @@ class _Shard:
         """A fresh accumulator fed with the unit, whose `batches` are read here unless given."""
         pass_index = unit[0]
         runners = self.runners(pass_index)
-        keys = self.keys(pass_index)
         accumulator = self.job.accumulator()
+        selections = self.job.samples or (None,) * len(runners)
+        position = unit[1]
         for batch in self.batches(unit) if batches is None else batches:
             size = len(next(iter(batch.values())))
+            if SAMPLE in self.job.keys or any(selections):
+                batch[SAMPLE] = np.arange(position, position + size)
+                position += size
             for start in range(0, size, self.micro_batch):
                 micro = {key: array[start:start + self.micro_batch] for key, array in batch.items()}
-                feeds = {key: micro[key] for key in micro if key not in keys}
-                accumulator.update(micro, [run_one(feeds) for run_one in runners],
-                                   self.passes[pass_index])
+                feeds = {key: micro[key] for key in micro
+                         if key not in self.job.keys and key != SAMPLE}
+                fetched = []
+                for fixed, run_one, select in zip(self.fixed, runners, selections):
+                    rows = None if select is None else select(micro[SAMPLE])
+                    if rows is None:
+                        fetched.append(run_one(feeds))
+                    elif not rows.any():
+                        fetched.append({})
+                    elif fixed > 1:  # the rows may not split into the model's fixed batches
+                        fetched.append({k: v[rows] for k, v in run_one(feeds).items()})
+                    else:
+                        fetched.append(run_one({k: v[rows] for k, v in feeds.items()}))
+                accumulator.update(micro, fetched, self.passes[pass_index])
                 progress(len(next(iter(micro.values()))))
         return accumulator
 

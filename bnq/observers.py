@@ -55,6 +55,9 @@ folded around 0, |x| in bins [k w, (k+1) w)), then clip the range to [max(-t, mi
   the range costs the uniform quantization noise ``step**2 / 12`` with
   ``step = (rmax(t) - rmin(t)) / (qmax - qmin)``, each clipped value of bin j costs
   ``(c_j - t)**2 + w**2 / 12`` (c_j the bin's centre, the value uniform in its bin).
+* ``auto``: ``CandidateObserver`` keeps the state the four methods above share (min/max, the
+  histogram, the zeros) and gives each method's observer of it, so that ``bnq.choice`` can
+  build every method's model from one pass over the data and keep the best.
 """
 
 from __future__ import annotations
@@ -253,8 +256,8 @@ class HistogramObserver(Observer):
                                                    new_lo, new_hi)
 
 
-class PercentileObserver(HistogramObserver):
-    """Range from the (100 - p)-th to the p-th percentile of the histogram (module docstring)."""
+class _PercentileOption:
+    """The ``percentile`` option of a histogram observer: the share of values kept in range."""
 
     def __init__(self, per_channel: bool = False, percentile: float = 99.999,
                  bins: int = DEFAULT_BINS):
@@ -267,6 +270,10 @@ class PercentileObserver(HistogramObserver):
 
     def _options(self):
         return {**super()._options(), "percentile": self.percentile}
+
+
+class PercentileObserver(_PercentileOption, HistogramObserver):
+    """Range from the (100 - p)-th to the p-th percentile of the histogram (module docstring)."""
 
     def _range(self, levels, symmetric):
         if self.percentile == 100:
@@ -441,12 +448,36 @@ def _xlogy(x, y):
     return np.where(x > 0, x * np.log(np.where(x > 0, y, 1)), 0.0)
 
 
-OBSERVERS: dict[str, type[Observer]] = {
+class CandidateObserver(_PercentileOption, _ThresholdObserver):
+    """The state of every method of ``CANDIDATES`` at once (min/max, one histogram, the count of
+    zeros): ``candidate(method)`` is that method's observer as if it had seen the same batches,
+    so that calibrating with every method (``auto``, ``bnq.choice``) observes the data once.
+    Its own ``qparams`` are min/max's."""
+
+    _range = Observer._range
+
+    def candidate(self, method: str) -> Observer:
+        """An observer of ``method`` over this one's state (shared arrays: read, not updated)."""
+        cls = CANDIDATES[method]
+        accepted = inspect.signature(cls).parameters
+        observer = cls(**{key: value for key, value in self._options().items() if key in accepted})
+        if self.min_val is not None:
+            observer.min_val, observer.max_val = self.min_val, self.max_val
+            if isinstance(observer, HistogramObserver):
+                observer.histogram = self.histogram
+            if isinstance(observer, _ThresholdObserver):
+                observer.zeros = self.zeros
+        return observer
+
+
+# The methods `auto` chooses among (bnq.calibrate), in order of preference on equal error.
+CANDIDATES: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
     "entropy": EntropyObserver,
     "mse": MseObserver,
 }
+OBSERVERS: dict[str, type[Observer]] = {**CANDIDATES, "auto": CandidateObserver}
 
 
 def make_observer(method: str = "minmax", per_channel: bool = False, **options) -> Observer:

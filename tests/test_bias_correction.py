@@ -15,7 +15,7 @@ from graphs import make_model, run_ort
 from test_calibrate import optimized_graph
 from onnx import helper, numpy_helper
 
-from bnq.bias_correction import correct_bias
+from bnq.bias_correction import correct_biases
 from bnq.execution import run
 from bnq.calibrate import calibrate
 from bnq.data import SampleData, model_inputs
@@ -55,8 +55,8 @@ def test_first_conv_mean_shift_removed(tmp_path, first_bias):
     data = SampleData(tmp_path / "calib.npz", model_inputs(model))
     plain, _ = calibrate(model, data, formats=FORMATS, weight_rounding=False,
                          bias_correction=False)
-    corrected, report = correct_bias(plain, model, functools.partial(run, data=data,
-                                                                     batch_size=16))
+    [(corrected, report)] = correct_biases([plain], model,
+                                           functools.partial(run, data=data, batch_size=16))
     onnx.checker.check_model(corrected, full_check=True)
     added = Counter(op_counts(corrected)) - Counter(op_counts(plain))
     assert added == ({} if first_bias else {"DequantizeLinear": 1})  # the new bias's

@@ -159,7 +159,8 @@ def test_json_report_keys(tmp_path):
     report, model = calibrate(tmp_path, *FIXED)
     assert set(report) == {"model", "output", "samples", "batches", "method", "formats",
                            "fusion", "folded_pools", "weights_rounded", "bias_correction",
-                           "equalization", "tensors", "ops_after", "body", "plan"}
+                           "equalization", "tensors", "ops_after", "body", "plan", "choice"}
+    assert report["method"] == "minmax" and report["choice"] is None  # auto's: test_choice.py
     assert report["batches"] == 2 and report["body"] in BODIES
     assert report["ops_after"]["QLinearBatchNormRelu"] == 6
     roles = {t["role"] for t in report["tensors"]}

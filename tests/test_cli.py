@@ -108,6 +108,7 @@ def test_choices_spelled_in_the_cli_match_the_registries():
     assert cli_module.BACKEND_CHOICES == tuple(BACKEND_CHOICES)
     assert set(cli_module.BODY_WORDS) == set(BODIES)
     defaults = inspect.signature(calibrate).parameters
+    assert cli_module.METHOD == defaults["method"].default
     assert cli_module.WEIGHT_ROUNDING == defaults["weight_rounding"].default
     assert cli_module.BIAS_CORRECTION == defaults["bias_correction"].default
     assert cli_module.EQUALIZE == defaults["equalize"].default

@@ -55,14 +55,15 @@ def scheduler(local_cluster):
     return local_cluster.scheduler_address
 
 
-def test_calibrate_and_evaluate_give_the_same_bytes_on_the_cluster(scheduler, tmp_path):
+@pytest.mark.parametrize("method", ["minmax", "auto"])
+def test_calibrate_and_evaluate_give_the_same_bytes_on_the_cluster(scheduler, tmp_path, method):
     runner = CliRunner()
     output = tmp_path / "q.onnx"
     results = []
     for split in ([], ["--scheduler", scheduler]):
         result = runner.invoke(cli, ["calibrate", str(SAMPLE), "-d", str(CALIB), "-o", str(output),
                                      "--num-samples", "96", "--batch-size", "16", "--json",
-                                     "--force", *split])
+                                     "--force", "--method", method, *split])
         assert result.exit_code == 0, result.output
         results.append((output.read_bytes(), result.output))
     assert results[0] == results[1]

@@ -66,7 +66,7 @@ def evaluated(reference, quantized, **split):
 LIMITS = [1 << 30, 1_000_000, 300_000, 100_000]
 
 
-@pytest.mark.parametrize("method", ["minmax", "entropy"])
+@pytest.mark.parametrize("method", ["minmax", "entropy", "auto"])
 def test_calibration_is_the_same_for_any_split(reference, method):
     model, report, plan = calibrated(reference, method)
     assert plan.passes == 1 and plan.micro_batch == 32
@@ -105,9 +105,10 @@ def test_plan_stays_under_the_limit(reference):
     assert micro == 1 and passes == [(0,), (1,)] and estimate > 1000
 
 
-def test_workers_give_the_same_bytes(reference, quantized):
-    model, report, _ = calibrated(reference, "entropy", batch_size=16)
-    model2, report2, _ = calibrated(reference, "entropy", batch_size=16, workers=2)
+@pytest.mark.parametrize("method", ["entropy", "auto"])
+def test_workers_give_the_same_bytes(reference, quantized, method):
+    model, report, _ = calibrated(reference, method, batch_size=16)
+    model2, report2, _ = calibrated(reference, method, batch_size=16, workers=2)
     assert model2 == model and report2 == report
     assert evaluated(reference, quantized, workers=3, batch_size=16)[0] == evaluated(
         reference, quantized)[0]

@@ -11,7 +11,9 @@ from hypothesis.extra import numpy as hnp
 
 from bnq.errors import ArgumentError, DataError
 from bnq.observers import (
+    CANDIDATES,
     OBSERVERS,
+    CandidateObserver,
     EntropyObserver,
     MinMaxObserver,
     MseObserver,
@@ -550,3 +552,33 @@ def test_minmax_matches_torch(per_channel, dtype, reduce_range):
     else:
         tq = torch.quantize_per_tensor(torch.from_numpy(x), float(scale), int(zero_point), tdtype)
     np.testing.assert_array_equal(quantize(x, qp, axis=1), tq.int_repr().numpy())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_candidate_observer_is_every_method_over_one_stream(per_channel, relu):
+    """One pass feeds every method: each candidate, also after merges, gives the parameters of
+    that method's own observer fed the same batches."""
+    batches = stream(7, relu)
+    own = {method: make_observer(method, per_channel=per_channel,
+                                 **({"percentile": 99.0} if method == "percentile" else {}))
+           for method in CANDIDATES}
+    halves = [make_observer("auto", per_channel=per_channel, percentile=99.0) for _ in range(2)]
+    for index, x in enumerate(batches):
+        halves[index % 2].update(x)
+        for observer in own.values():
+            observer.update(x)
+    halves[0].merge(halves[1])
+    assert isinstance(halves[0], CandidateObserver)
+    clipped = 0
+    for method, observer in own.items():
+        for dtype in (np.uint8, np.int8):
+            expected, actual = observer.qparams(dtype), halves[0].candidate(method).qparams(dtype)
+            np.testing.assert_array_equal(actual.scale, expected.scale)
+            np.testing.assert_array_equal(actual.zero_point, expected.zero_point)
+            clipped += not np.array_equal(expected.scale, own["minmax"].qparams(dtype).scale)
+    assert clipped  # the methods differ on this stream: the test tells them apart
+    with pytest.raises(DataError, match="seen no data"):
+        make_observer("auto").candidate("mse").qparams(np.uint8)
+    with pytest.raises(ArgumentError, match="percentile"):
+        make_observer("auto", percentile=101)
