@@ -533,7 +533,10 @@ def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams
             _emit_batch_norm(build, node, plan, qparams, constants)
             continue
         source = node.input[0] if node.input else ""
-        node = _copy_renamed(node, rename)
+        # a per-channel BN input is computed from float tensors: onnxruntime would fuse
+        # DequantizeLinear -> op -> its per-channel QuantizeLinear into a QLinear op (such as
+        # QLinearAveragePool) that takes no per-channel scale, and refuse to load the model
+        node = _copy_renamed(node, {} if node.output[0] in plan.bn_inputs else rename)
         if node.op_type in WEIGHTED and node.input[1] in constants:
             weights |= _quantize_weights(build, node, constants, build.codes.get(source), formats,
                                          rounded.get(node.input[1]))
