@@ -134,10 +134,10 @@ def main() -> None:
                 output = Path(scratch) / "q.onnx"
                 runs.setdefault(name, []).append(measure([*command, "-o", str(output)],
                                                          roots.get(name, ROOT)))
-                if name in ("default, no bias correction", "baseline's default"):
-                    continue  # another option, or another bnq: other bytes
-                outputs.setdefault(command[command.index("--num-samples") + 1], set()).add(
-                    output.read_bytes())
+                if name not in ("default, no bias correction", "baseline's default"):
+                    # (those: another option, or another bnq, so other bytes)
+                    outputs.setdefault(command[command.index("--num-samples") + 1], set()).add(
+                        output.read_bytes())
                 print(f"  {name}: {runs[name][-1][0]:.1f} s, {runs[name][-1][1] / 1e6:.0f} MB",
                       file=sys.stderr, flush=True)
 
