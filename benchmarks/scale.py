@@ -106,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch, distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
             silence_logs=40) as cluster:
-        bnq = [sys.executable, "-c", "from bnq.cli import main; main()",  # bnq 0.1 has no -m
+        bnq = [sys.executable, "-P", "-c", "from bnq.cli import main; main()",  # 0.1: no -m
                "calibrate", str(model), "-d", str(data), "--force"]
         small = ["--batch-size", "8"]
         defaults = {"default (batch 32, 1GiB)": [*bnq, "--num-samples", "64"],
