@@ -139,6 +139,12 @@ class Observer:
         return qparams_from_range(rmin, rmax, dtype, symmetric=symmetric,
                                   reduce_range=reduce_range)
 
+    def full_range(self) -> Observer:
+        """A min/max observer of the same observations (shared arrays: read, not updated)."""
+        observer = MinMaxObserver(per_channel=self.per_channel)
+        observer.min_val, observer.max_val = self.min_val, self.max_val
+        return observer
+
     def __repr__(self):
         options = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
         return f"{type(self).__name__}({options})"
