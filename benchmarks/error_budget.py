@@ -38,7 +38,7 @@ from common import print_machine, session, sqnr, table
 import bnq
 from bnq.calibrate import WEIGHTED, calibrate, prepare
 from bnq.data import SampleData, model_inputs
-from bnq.graph import constant_values, producers
+from bnq.graph import constant_values, drop_unused, producers
 from bnq.machine import default_formats
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -87,10 +87,7 @@ def with_parameters(model: onnx.ModelProto, values: dict[str, dict[int, np.ndarr
             name = f"{node.name}_budget_input_{index}"
             result.graph.initializer.append(numpy_helper.from_array(value, name))
             node.input[index] = name
-    read = {name for node in result.graph.node for name in node.input}
-    kept = [tensor for tensor in result.graph.initializer if tensor.name in read]
-    del result.graph.initializer[:]
-    result.graph.initializer.extend(kept)
+    drop_unused(result.graph, {tensor.name for tensor in model.graph.initializer}, set())
     return result
 
 

@@ -47,13 +47,11 @@ def main() -> None:
     import dask
     import distributed
 
-    from bnq.calibrate import _Observation, _plan, _upgrade
+    from bnq.calibrate import _Observation, _plan, prepare
     from bnq.data import SampleData, model_inputs
     from bnq.execution import Job, run
-    from bnq.fusion import fuse
     from bnq.io import load_model
     from bnq.machine import describe
-    from bnq.rewrites import fold_average_pool
 
     import numpy as np
 
@@ -63,7 +61,7 @@ def main() -> None:
         np.save(Path(scratch) / "samples.npy", np.tile(calib["input"], (args.tile, 1, 1, 1)))
     os.chdir(scratch)  # a relative path, which workers moved elsewhere cannot read
     data = SampleData("samples.npy", model_inputs(model))
-    fused, _ = fold_average_pool(fuse(_upgrade(model))[0])
+    fused = prepare(model)[0]
     plan = _plan(fused)
     names = plan.activations + [node.output[0] for node in plan.batch_norms] + plan.bn_inputs
     per_channel = {name: name in plan.bn_inputs for name in names}
