@@ -187,6 +187,8 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                                 progress=progress)
     observed = execute(job)
     observers = observed.accumulator.merged()
+    correct = functools.partial(correct_biases, reference=fused, sample_shapes=data.sample_shapes(),
+                                execute=execute) if bias_correction else None
     rounded = round_weights(fused, formats, execute) if weight_rounding else {}
     choice = None
     if auto:
@@ -199,7 +201,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                                                 "on its first axis: its folds cannot be told apart")
         else:
             choice = _choose(fused, plan, observed.accumulator.folds, activation, formats,
-                             rounded, execute, bias_correction)
+                             rounded, execute, correct)
         observers = {name: observer.candidate(choice.chosen)
                      for name, observer in observers.items()}
     chosen = choice.chosen if choice else method
@@ -207,8 +209,8 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     quantized, weights = _rewrite(fused, plan, qparams, formats, rounded)
     check(quantized, "the quantized model")
     corrected = None
-    if bias_correction:
-        [(quantized, corrected)] = correct_biases([quantized], fused, execute)
+    if correct:
+        [(quantized, corrected)] = correct([quantized])
     def observer(name: str) -> str:
         return "minmax" if name in plan.full_range else chosen
 
@@ -237,9 +239,9 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport, tuple[
 
 def _choose(fused: onnx.ModelProto, plan: _Plan, folds: list[dict[str, CandidateObserver]],
             activation: np.dtype, formats: IntegerFormats, rounded: dict[str, np.ndarray],
-            execute: Callable, bias_correction: bool) -> MethodChoice:
-    """Method auto: every method's model of each fold, bias-corrected on that fold's samples
-    (as calibration would), scored on the other fold (`bnq.choice`)."""
+            execute: Callable, correct: Callable | None) -> MethodChoice:
+    """Method auto: every method's model of each fold, bias-corrected (`correct`, when given) on
+    that fold's samples (as calibration would), scored on the other fold (`bnq.choice`)."""
     candidates = {}
     for method in CANDIDATES:
         candidates[method] = []
@@ -249,10 +251,9 @@ def _choose(fused: onnx.ModelProto, plan: _Plan, folds: list[dict[str, Candidate
             model = _rewrite(fused, plan, qparams, formats, rounded)[0]
             check(model, f"the quantized model of method {method}")
             candidates[method].append(model)
-    if bias_correction:
+    if correct:
         models = [model for per_fold in candidates.values() for model in per_fold]
-        corrected = iter(correct_biases(models, fused, execute,
-                                        [f for _ in candidates for f in range(len(folds))]))
+        corrected = iter(correct(models, folds=[f for _ in candidates for f in range(len(folds))]))
         candidates = {method: [next(corrected)[0] for _ in per_fold]
                       for method, per_fold in candidates.items()}
     return choose(fused, candidates, execute)

@@ -57,9 +57,9 @@ def requantize(weight, bias, scale, codes, lo: int, hi: int) -> np.ndarray:
     return np.clip(np.rint(v), lo, hi).astype(np.int64)
 
 
-def _search_block(alpha, beta, target, d, lo, hi, widths):
-    """Search channels (rows of `target` - y_zp, codes `d`) for (w, b, s), `|w|` in `widths`
-    order; returns arrays and a found mask."""
+def _search_block(alpha, beta, target, d, lo, hi, stages):
+    """Search channels (rows of `target` - y_zp, codes `d`) for (w, b, s), trying the `stages`
+    ((|w| candidates, bias offsets) pairs) in order; returns arrays and a found mask."""
     rows = target.shape[0]
     sign = np.where(alpha < 0, -1, 1)
     lower = np.where(target == lo, -np.inf, target - 0.5)[:, None, None, :]
@@ -68,12 +68,12 @@ def _search_block(alpha, beta, target, d, lo, hi, widths):
                            np.ones(rows, np.float32))
     found = np.zeros(rows, bool)
     todo = np.arange(rows)
-    for chunk in widths:
+    for chunk, offsets in stages:
         if todo.size == 0:
             break
         w = sign[todo, None, None] * chunk[None, :, None]                           # T, K, 1
         center = beta[todo, None] * chunk[None, :] / np.abs(alpha[todo, None])
-        b = np.floor(center)[:, :, None] + _OFFSETS[None, None, :]                   # T, K, J
+        b = np.floor(center)[:, :, None] + offsets[None, None, :]                    # T, K, J
         acc = w[..., None] * d[todo, None, None, :] + b[..., None]                  # T, K, J, D
         with np.errstate(divide="ignore", invalid="ignore"):
             first, second = lower[todo] / acc, upper[todo] / acc
@@ -100,7 +100,11 @@ def _search_block(alpha, beta, target, d, lo, hi, widths):
     return w_out, b_out, s_out, found
 
 
-_WIDTHS = [np.array([127])] + [np.arange(top, max(top - 8, 0), -1) for top in range(126, 0, -8)]
+# |w| = 127 with the real line's own offset settles most channels (29,416 of 35,040 on
+# DenseNet-121), so it is tried alone first; the same order as all offsets at once, at a fifth of
+# the work for those channels.
+_STAGES = [(np.array([127]), _OFFSETS[:1]), (np.array([127]), _OFFSETS[1:])] + [
+    (np.arange(top, max(top - 8, 0), -1), _OFFSETS) for top in range(126, 0, -8)]
 
 
 def integer_affine(plan: BnReluPlan, x_zero_point, y_zero_point) -> IntegerAffine | None:
@@ -124,7 +128,7 @@ def integer_affine(plan: BnReluPlan, x_zero_point, y_zero_point) -> IntegerAffin
     for start in range(0, rest.size, _BLOCK):
         rows = rest[start:start + _BLOCK]
         w, b, s, found = _search_block(alpha[rows], beta[rows], target[rows], d[rows], lo, hi,
-                                       _WIDTHS)
+                                       _STAGES)
         if not found.all():
             return None
         weight[rows], bias[rows], scale[rows] = w, b, s

@@ -43,7 +43,7 @@ def first_conv_shift(model, reference, x):
     """Per-channel mean of the first Conv's output, quantized model minus float model."""
     quantized = run_ort(with_outputs(model, ["c1"]), {"x": x})[-1]
     expected = run_ort(with_outputs(reference, ["c1"]), {"x": x})[-1]
-    return (quantized - expected).mean(axis=(0, 2, 3))
+    return (quantized - expected).mean(axis=tuple(a for a in range(expected.ndim) if a != 1))
 
 
 @pytest.mark.parametrize("first_bias", [True, False], ids=["bias", "no bias"])
@@ -55,7 +55,7 @@ def test_first_conv_mean_shift_removed(tmp_path, first_bias):
     data = SampleData(tmp_path / "calib.npz", model_inputs(model))
     plain, _ = calibrate(model, data, formats=FORMATS, weight_rounding=False,
                          bias_correction=False)
-    [(corrected, report)] = correct_biases([plain], model,
+    [(corrected, report)] = correct_biases([plain], model, data.sample_shapes(),
                                            functools.partial(run, data=data, batch_size=16))
     onnx.checker.check_model(corrected, full_check=True)
     added = Counter(op_counts(corrected)) - Counter(op_counts(plain))
@@ -78,6 +78,59 @@ def test_first_conv_mean_shift_removed(tmp_path, first_bias):
     name = writers[conv.input[2]].input[0]
     assert codes[name].dtype == np.int32
     np.testing.assert_array_equal(codes[name], old.get(name, 0) - np.rint(before / bias_scale))
+
+
+# The first layer's geometry: the mean shift comes from the tap means of its input (the module
+# docstring), which every stride, padding, dilation, grouping and rank changes.
+GEOMETRIES = {
+    "strided, dilated, asymmetric pads": ((8, 11, 10), (16, 8, 3, 3), {
+        "strides": [2, 2], "pads": [2, 1, 0, 2], "dilations": [2, 2]}),
+    "SAME_UPPER": ((8, 9, 10), (16, 8, 4, 4), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    "SAME_LOWER": ((8, 9, 10), (16, 8, 4, 4), {"auto_pad": "SAME_LOWER", "strides": [3, 2]}),
+    "VALID": ((8, 9, 10), (16, 8, 3, 2), {"auto_pad": "VALID", "strides": [2, 3]}),
+    "grouped": ((8, 10, 10), (16, 4, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
+    "depthwise": ((8, 10, 10), (16, 1, 3, 3), {"group": 8, "strides": [2, 2], "pads": [1, 0, 1, 0]}),
+    "1-D": ((8, 12), (16, 8, 5), {"strides": [2], "pads": [2, 1]}),
+    "3-D": ((8, 4, 5, 6), (16, 8, 3, 3, 3), {"pads": [1, 0, 1, 1, 0, 1]}),
+    "Gemm": ((8,), (16, 8), {"transB": 1}),
+    "Gemm, B not transposed": ((8,), (8, 16), {}),
+}
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_shift_removed_whatever_the_geometry(tmp_path, geometry):
+    """The correction of a first layer of each geometry is exactly the shift measured by running
+    the quantized layer (its input is the model's, so the quantized model computes it as is)."""
+    rng = np.random.default_rng(2)
+    sample, weight_shape, attributes = GEOMETRIES[geometry]
+    op = "Gemm" if len(sample) == 1 else "Conv"
+    w1 = (rng.standard_normal(weight_shape) * 0.2 + 0.05).astype(np.float32)
+    nodes = [helper.make_node(op, ["x", "w1", "b1"], ["c1"], **attributes),
+             helper.make_node("Relu", ["c1"], ["y"])]
+    spatial = [f"out{axis}" for axis in range(len(sample) - 1)]
+    model = make_model(nodes, [("x", ["N", *sample])], [("y", ["N", 16, *spatial])], opset=19,
+                       initializers={"w1": w1, "b1": np.zeros(16, np.float32)})
+    x = (rng.standard_normal((64, *sample)) + 0.5).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    data = SampleData(tmp_path / "calib.npz", model_inputs(model))
+    plain, _ = calibrate(model, data, formats=FORMATS, weight_rounding=False,
+                         bias_correction=False)
+    [(corrected, report)] = correct_biases([plain], model, data.sample_shapes(),
+                                           functools.partial(run, data=data, batch_size=16))
+    onnx.checker.check_model(corrected, full_check=True)
+    assert report.layers == 1
+    writers = producers(corrected.graph)
+    layer = next(node for node in corrected.graph.node if node.output[0] == "c1")
+    bias_scale, codes, old = (
+        {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}.get(name, 0)
+        for m, name in ((corrected, writers[layer.input[2]].input[1]),
+                        (corrected, writers[layer.input[2]].input[0]),
+                        (plain, writers[layer.input[2]].input[0])))
+    before = first_conv_shift(plain, model, x)
+    assert np.abs(before).max() > 4 * bias_scale.max()  # the shift was there
+    np.testing.assert_array_equal(codes, old - np.rint(before / bias_scale))
+    after = first_conv_shift(corrected, model, x)
+    np.testing.assert_array_less(np.abs(after), bias_scale / 2 + 1e-6 * np.abs(before).max())
 
 
 def test_calibrate_reports_bias_correction(tmp_path):
