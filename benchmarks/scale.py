@@ -16,12 +16,17 @@ the noise of a shared machine falls on all of them alike; medians are printed.
    the defaults of the bnq package in DIR (an older version: `git archive dc386bc bnq | tar -x
    -C DIR` for bnq 0.1), run the same way.
 2. Scaling, `--batch-size 8` so that the batches spread over the workers: throughput of the
-   observation alone, (64 - 16) samples / (time at 64 samples - time at 16), which takes the
-   fixed costs (loading, fusing, writing the quantized model) out. `1 worker x 1 thread` is
+   passes over the data (observation, then bias correction), (64 - 16) samples / (time at 64
+   samples - time at 16), which takes the fixed costs (loading, fusing, writing the quantized
+   model, starting the workers) out. `1 worker x 1 thread` is
    `--workers 1` pinned to one core (`taskset -c 0`); `N workers x 1 thread` is `--workers N`
    (bnq gives each cores // N threads); `dask 2 x 1 thread` is `--scheduler` of a LocalCluster of
-   2 worker processes of one thread started by this script; `1 worker x all threads` is one
-   process on every core. Ratio: throughput / (N x the single-thread worker's).
+   2 worker processes of one thread started by this script for that run only (with this
+   process's environment restored after it starts: `observation_scaling.local_cluster`; a
+   cluster kept up for the whole script, whose nanny also leaves MALLOC_TRIM_THRESHOLD_ in the
+   environment of every later command, made bnq 0.1's defaults take 9.0 s instead of 5.5 s);
+   `1 worker x all threads` is one process on every core. Ratio: throughput / (N x the
+   single-thread worker's).
 
 Every quantized model is compared with the others of the same number of samples, byte for byte
 (batch size, workers, threads and the cluster must not change a bit). It needs `distributed`
@@ -31,6 +36,7 @@ and `psutil` (installed when missing; benchmark-only, not bnq dependencies).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -41,7 +47,10 @@ import threading
 import time
 from pathlib import Path
 
+from observation_scaling import local_cluster
+
 REQUIREMENTS = {"distributed": "distributed", "psutil": "psutil"}
+SCHEDULER = "<scheduler>"  # in a command: the address of the cluster started for its run
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,6 +103,7 @@ def main() -> None:
                         help="a directory holding an older bnq package, to time its defaults")
     args = parser.parse_args()
     ensure_installed()
+    import dask
     import distributed
 
     from bnq.machine import describe
@@ -103,9 +113,7 @@ def main() -> None:
     machine = describe()
     print(f"# {args.model} on {machine.cpu} ({', '.join(machine.features)}), {cores} cores; "
           f"medians of {args.repeats} interleaved rounds", flush=True)
-    with tempfile.TemporaryDirectory() as scratch, distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=40) as cluster:
+    with tempfile.TemporaryDirectory() as scratch:
         bnq = [sys.executable, "-P", "-c", "from bnq.cli import main; main()",  # 0.1: no -m
                "calibrate", str(model), "-d", str(data), "--force"]
         small = ["--batch-size", "8"]
@@ -121,8 +129,7 @@ def main() -> None:
         scaling = {"1 worker x 1 thread": (["taskset", "-c", "0", *bnq, *small], 1)}
         scaling |= {f"{n} workers x 1 thread": ([*bnq, *small, "--workers", str(n)], n)
                     for n in range(2, cores + 1)}
-        scaling |= {"dask 2 x 1 thread": ([*bnq, *small, "--scheduler",
-                                           cluster.scheduler_address], 2),
+        scaling |= {"dask 2 x 1 thread": ([*bnq, *small, "--scheduler", SCHEDULER], 2),
                     f"1 worker x {cores} threads": ([*bnq, *small], 1)}
         runs: dict[str, list[tuple[float, int]]] = {}
         outputs: dict[str, set[bytes]] = {}  # by number of samples
@@ -132,8 +139,13 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, command in jobs:
                 output = Path(scratch) / "q.onnx"
-                runs.setdefault(name, []).append(measure([*command, "-o", str(output)],
-                                                         roots.get(name, ROOT)))
+                with contextlib.ExitStack() as stack:
+                    if SCHEDULER in command:  # up for its own turn only (module docstring)
+                        cluster = stack.enter_context(local_cluster(distributed, dask, {}, None))
+                        command = [cluster.scheduler_address if part == SCHEDULER else part
+                                   for part in command]
+                    runs.setdefault(name, []).append(measure([*command, "-o", str(output)],
+                                                             roots.get(name, ROOT)))
                 if name not in ("default, no bias correction", "baseline's default"):
                     # (those: another option, or another bnq, so other bytes)
                     outputs.setdefault(command[command.index("--num-samples") + 1], set()).add(
@@ -149,7 +161,7 @@ def main() -> None:
             print(f"{name:28} {seconds(name):7.1f} {max(p for _, p in runs[name]) / 1e6:13.0f}")
         rate = {name: 48 / (seconds(f"{name} @64") - seconds(f"{name} @16")) for name in scaling}
         unit = rate["1 worker x 1 thread"]
-        print(f"\n{'observation throughput':28} {'samples/s':>9} {'x 1x1':>6} {'/ N':>5} "
+        print(f"\n{'throughput over the data':28} {'samples/s':>9} {'x 1x1':>6} {'/ N':>5} "
               f"{'peak tree MB':>13}")
         for name, (_, workers) in scaling.items():
             peak = max(p for _, p in runs[f"{name} @64"])
