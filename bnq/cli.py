@@ -1,6 +1,8 @@
-"""The `bnq` command: a thin shell over the Python API. The only module that prints.
+"""The `bnq` command: a thin shell over the Python API. With `bnq.render`, which turns its
+reports into text, the only modules that print.
 
-Reports go to stdout (a rich table, or JSON with `--json`); progress and errors go to stderr.
+Reports go to stdout (a rich table, or JSON with `--json`: `bnq.render`); progress and errors go
+to stderr.
 A `BnqError` becomes one `Error: ...` line and exit code 1, bad usage exit code 2, Ctrl-C exit
 code 130 (SIGTERM 143, SIGHUP 129, after the same clean-up); a traceback only with `--debug`.
 """
@@ -8,31 +10,23 @@ code 130 (SIGTERM 143, SIGHUP 129, after the same clean-up); a traceback only wi
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
+from bnq import render
 from bnq.errors import BnqError, one_line
 
 if TYPE_CHECKING:  # the heavy modules (numpy, onnx, onnxruntime) load when a command runs
     import numpy as np
 
-    from bnq.bench import KernelBench, ModelBench
-    from bnq.calibrate import CalibrationReport
-    from bnq.evaluate import EvaluationReport
-    from bnq.execution import ExecutionPlan
-    from bnq.fusion import FuseReport
-    from bnq.machine import IntegerFormats, Machine
+    from bnq.machine import IntegerFormats
 
 # The registries' keys, spelled out so that `--help` needs no numpy, onnx or onnxruntime (which
 # take 0.4 s to import); tests/test_cli.py checks them against bnq.observers.OBSERVERS,
@@ -47,29 +41,9 @@ BACKEND_CHOICES = (*BACKENDS, "both")
 # More threads than 4 per core measure only the cost of creating them (4000 took minutes).
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
-# A terminal's tables fold long names onto several lines (never cut them, see _table); pipes and
-# files get lines as long as the tables need, so that a name stays whole on one line. Reports are
-# rendered into text (`_report_text`) and printed by `_emit`, which alone touches stdout, so that
-# a closed pipe or a full disk there is handled in one place. A closed stdout (`bnq ... >&-`) is
-# None: reports then go nowhere, the work is still done.
-_TTY = sys.stdout is not None and sys.stdout.isatty()
-out = Console(file=io.StringIO(), force_terminal=_TTY, highlight=False,
-              width=None if _TTY else 1 << 16)
 err = Console(stderr=True, highlight=False)
 
 MODEL = click.Path(dir_okay=False, path_type=Path)
-
-
-def _table(title: str, *columns: str, right: tuple[str, ...] = (), **options: Any) -> Table:
-    """A report table: left columns (names) fold onto several lines on a narrow terminal rather
-    than being cut; `right` columns (numbers) stay on one line."""
-    table = Table(title=title, title_justify="left", caption_justify="left", **options)
-    for column in columns:
-        if column in right:
-            table.add_column(column, justify="right", no_wrap=True)
-        else:
-            table.add_column(column, overflow="fold")
-    return table
 
 
 class Terminated(BaseException):
@@ -271,16 +245,6 @@ def _execution_options(function):
     return function
 
 
-def _report_text(as_json: bool, payload: Callable[[], Any], render: Callable[[], None]) -> str:
-    """The report as text, made before an output file is written, so that nothing can fail
-    between writing the file and telling the user about it."""
-    if as_json:
-        return _json_text(payload()) + "\n"
-    with out.capture() as capture:
-        render()
-    return capture.get()
-
-
 def _emit(text: str) -> None:
     """Print a report on stdout. A reader that went away (`bnq ... | head`) is no error: the
     work is done and the rest of the report is not wanted. A stdout that cannot take it (a
@@ -300,26 +264,6 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-
-
-def _json_text(value: Any) -> str:
-    """Strict JSON: a non-finite number (an SQNR of identical outputs) becomes null."""
-    return json.dumps(_finite(value), indent=2, allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    """`value` as plain JSON types: dataclasses and arrays unpacked, non-finite floats None."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _finite(dataclasses.asdict(value))
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return _finite(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
 
 
 @cli.command("fuse", short_help="Fold Conv+BN and fuse BN+Relu, exactly.")
@@ -344,36 +288,14 @@ def fuse_command(model: Path, output: Path, force: bool, as_json: bool) -> None:
 
     check_output_path(output, [model], overwrite=force)
     fused, report = fuse(load_model(model))
-    text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
-                                          "folded": report.count("folded"),
-                                          "fused": report.count("fused"),
-                                          "kept": report.count("kept"),
-                                          **dataclasses.asdict(report)},
-                        lambda: _render_fuse(model, output, report))
+    text = render.report_text(as_json, lambda: {"model": str(model), "output": str(output),
+                                                "folded": report.count("folded"),
+                                                "fused": report.count("fused"),
+                                                "kept": report.count("kept"),
+                                                **dataclasses.asdict(report)},
+                              lambda: render.fuse(model, output, report))
     save_model(fused, output, overwrite=force)
     _emit(text)
-
-
-def _render_fuse(model: Path, output: Path, report: FuseReport) -> None:
-    counts = _table(f"Operators in {model.name}", "op", "before", "after",
-                    right=("before", "after"))
-    for op in sorted(set(report.ops_before) | set(report.ops_after)):
-        before, after = report.ops_before.get(op, 0), report.ops_after.get(op, 0)
-        style = "" if before == after else "bold"
-        counts.add_row(op, str(before), str(after), style=style)
-    out.print(counts)
-    if report.actions:
-        actions = _table("BatchNormalization nodes", "node", "outcome", "detail")
-        colors = {"folded": "green", "fused": "green", "kept": "yellow"}
-        for action in report.actions:
-            actions.add_row(action.node, f"[{colors[action.outcome]}]{action.outcome}[/]",
-                            action.detail)
-        out.print(actions)
-        out.print(f"{report.count('folded')} folded, {report.count('fused')} fused, "
-                  f"{report.count('kept')} kept; wrote {output}")
-    else:
-        out.print(f"nothing to fuse: {model} has no BatchNormalization; wrote an unchanged "
-                  f"copy to {output}")
 
 
 def _progress(description: str, total: int):
@@ -464,9 +386,9 @@ def calibrate_command(ctx: click.Context, model: Path, data: Path, output: Path,
             workers=workers, scheduler=scheduler, weight_rounding=weight_rounding,
             bias_correction=bias_correction, equalize=equalize,
             progress=lambda n: progress.advance(progress.task_ids[0], n))
-    text = _report_text(as_json, lambda: {"model": str(model), "output": str(output),
-                                          **dataclasses.asdict(report)},
-                        lambda: _render_calibration(output, report))
+    text = render.report_text(as_json, lambda: {"model": str(model), "output": str(output),
+                                                **dataclasses.asdict(report)},
+                              lambda: render.calibration(output, report))
     save_model(quantized, output, overwrite=force)
     _emit(text)
 
@@ -488,78 +410,6 @@ def _formats(activation_type: str | None, weight_type: str,
     return IntegerFormats(activation_type or chosen.activation, weight_type,
                           chosen.reduce_range if reduce_range is None else reduce_range,
                           "chosen on the command line")
-
-
-# How onnxruntime computes a QLinearBatchNormRelu node, for each body bnq.qops.body_for chooses.
-BODY_WORDS = {
-    "integer": "onnxruntime's integer convolution kernels",
-    "float": "a float32 formula of standard operators",
-    "double": "a float64 formula of standard operators",
-    "table": "a 256-entry lookup table per channel",
-}
-
-
-def _render_calibration(output: Path, report: CalibrationReport) -> None:
-    formats = report.formats
-    out.print(f"[bold]formats[/]: {formats.activation} activations, {formats.weight} weights"
-              f"{' (7-bit)' if formats.reduce_range else ''}: {formats.reason}")
-    fusion = report.fusion
-    out.print(f"[bold]fusion[/]: {fusion.count('folded')} BatchNormalization folded into the "
-              f"layer before, {fusion.count('fused')} fused with their Relu, "
-              f"{fusion.count('kept')} kept")
-    if fusion.count("fused"):
-        out.print(f"[bold]fused BN-ReLU nodes[/]: give exactly PyTorch's quantized BNReLU2d "
-                  f"codes in stock onnxruntime, no plugin needed ({BODY_WORDS[report.body]}, "
-                  "checked exact for every input code)")
-    if report.folded_pools:
-        out.print(f"[bold]pooling[/]: {len(report.folded_pools)} AveragePool folded into the "
-                  "1x1 convolution before it (one strided convolution: stays integer)")
-    if report.equalization is not None:
-        pairs = report.equalization.pairs
-        out.print(f"[bold]equalization[/]: {len(pairs)} pairs of consecutive layers rescaled "
-                  f"to matching weight ranges ({report.equalization.sweeps} sweeps)")
-    if report.weights_rounded:
-        out.print(f"[bold]weight rounding[/]: {report.weights_rounded} weights rounded by their "
-                  "effect on the layer's output (GPTQ)")
-    if report.bias_correction is not None:
-        corrected = report.bias_correction
-        out.print(f"[bold]bias correction[/]: {corrected.layers} layers, mean output shift "
-                  f"removed {corrected.mean_abs_shift:.3g} on average, "
-                  f"{corrected.max_abs_shift:.3g} at most")
-    if report.choice is not None and report.choice.unscored:
-        out.print(f"[bold]method auto[/]: {report.choice.chosen}, unscored: "
-                  f"{report.choice.unscored}")
-    elif report.choice is not None:
-        scores = ", ".join(f"{name} {sqnr:.2f} dB" for name, sqnr in report.choice.sqnr_db.items())
-        out.print(f"[bold]method auto[/]: chose {report.choice.chosen}; output SQNR against the "
-                  "float model, each method calibrated on half the samples and run on the other "
-                  f"half: {scores}")
-    table = _table("Quantized tensors", "tensor", "role", "granularity", "range", "scale",
-                   "zero point", right=("range", "scale", "zero point"))
-    for tensor in report.tensors:
-        scale = (f"{tensor.scale_min:.4g}" if tensor.scale_min == tensor.scale_max
-                 else f"{tensor.scale_min:.4g}..{tensor.scale_max:.4g}")
-        table.add_row(tensor.name, tensor.role, tensor.granularity,
-                      f"[{tensor.rmin:.4g}, {tensor.rmax:.4g}]", scale,
-                      "per channel" if tensor.zero_point is None else str(tensor.zero_point))
-    out.print(table)
-    out.print(f"calibrated on {report.samples} samples in {report.batches} batches "
-              f"({report.method}), {_plan_text(report.plan)}; wrote {output}")
-
-
-def _plan_text(plan: ExecutionPlan) -> str:
-    passes = f"{plan.passes} passes" if plan.passes > 1 else "1 pass"
-    return (f"{passes} of micro-batches of {plan.micro_batch} (about "
-            f"{_size(plan.estimated_bytes)} of activations, limit {_size(plan.memory_limit)} "
-            "per process)" + (", the data streamed to the cluster's workers"
-                              if plan.data == "streamed" else ""))
-
-
-def _size(size: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale:
-            return f"{size / scale:.3g} {unit}"
-    return f"{size} B"
 
 
 @cli.command("evaluate", short_help="Compare a quantized model with its float model on data.")
@@ -623,8 +473,8 @@ def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data:
                           memory_limit=memory_limit, workers=workers, scheduler=scheduler,
                           progress=lambda n: progress.advance(progress.task_ids[0], n),
                           names=(str(quantized), str(reference)))
-    text = _report_text(as_json, lambda: dataclasses.asdict(report),
-                        lambda: _render_evaluation(report, report_path))
+    text = render.report_text(as_json, lambda: dataclasses.asdict(report),
+                              lambda: render.evaluation(report, report_path))
     if report_path is not None:
         from bnq.machine import describe
 
@@ -634,53 +484,9 @@ def evaluate_command(ctx: click.Context, quantized: Path, reference: Path, data:
                                     ("float model", str(reference)),
                                     ("data", f"{data} ({report.samples} samples)"),
                                     ("backend", report.backend),
-                                    ("machine", _machine_line(describe()))])
+                                    ("machine", render.machine_line(describe()))])
         write_atomic(report_path, lambda handle: handle.write(page.encode()), overwrite=force)
     _emit(text)
-
-
-def _bar(value: float, top: float = 50.0, width: int = 25) -> str:
-    import numpy as np
-
-    filled = 0 if not np.isfinite(value) or value <= 0 else min(width, round(value / top * width))
-    if np.isinf(value) and value > 0:
-        filled = width
-    return "█" * filled + "·" * (width - filled)
-
-
-# The terminal shows this many layers; --json and --report hold them all.
-LAYERS_SHOWN = 30
-
-
-def _render_evaluation(report: EvaluationReport, report_path: Path | None = None) -> None:
-    from bnq.report import summary_rows
-
-    summary = _table(f"{report.samples} samples, backend {report.backend}", "what", "value",
-                     right=("value",), show_header=False)
-    for row in summary_rows(report):
-        summary.add_row(*row)
-    out.print(summary)
-    if not report.layers:
-        return
-    both = report.backend_max_lsb_diff is not None
-    numbers = ("SQNR (dB)", "", "clipped", *(("LSB diff",) if both else ()))
-    layers = _table(f"Quantized tensors against the float model, worst first "
-                    f"({min(len(report.layers), LAYERS_SHOWN)} of {len(report.layers)})",
-                    "tensor", "op", *numbers, right=numbers)
-    for layer in report.layers[:LAYERS_SHOWN]:
-        row = [layer.tensor, layer.op, f"{layer.sqnr_db:.2f}", _bar(layer.sqnr_db),
-               f"{100 * layer.clipped:.3f}%"]
-        if both:
-            row.append("" if layer.backend_max_lsb_diff is None
-                       else str(layer.backend_max_lsb_diff))
-        layers.add_row(*row)
-    out.print(layers)
-    if len(report.layers) > LAYERS_SHOWN:
-        out.print(f"{len(report.layers) - LAYERS_SHOWN} more in --json and --report")
-    if report.plan is not None:
-        out.print(f"run in {_plan_text(report.plan)}")
-    if report_path is not None:
-        out.print(f"wrote {report_path}")
 
 
 @cli.command("bench", short_help="Time models per backend and thread count, or the operator alone.")
@@ -735,8 +541,8 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], kernel: bool,
             raise click.BadParameter(f"{shape!r} is not a comma-separated list of integers",
                                      param_hint="--shape") from None
         reports = [bench_kernel(dims, count, repeats) for count in threads]
-        _emit(_report_text(as_json, lambda: {"machine": machine, "kernel": reports},
-                           lambda: _render_kernel_bench(machine, reports)))
+        _emit(render.report_text(as_json, lambda: {"machine": machine, "kernel": reports},
+                                 lambda: render.kernel_bench(machine, reports)))
         return
     if not models:
         raise click.UsageError("give at least one MODEL, or --kernel")
@@ -748,9 +554,10 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], kernel: bool,
     feeds = _bench_feeds(first, data, batch_size)
     report = bench_models(loaded, feeds, backends=backends, threads=threads, warmup=warmup,
                           repeats=repeats)
-    _emit(_report_text(as_json, lambda: {"machine": report.machine, "warmup": report.warmup,
-                                         "repeats": report.repeats, "results": report.results},
-                       lambda: _render_model_bench(report)))
+    _emit(render.report_text(
+        as_json, lambda: {"machine": report.machine, "warmup": report.warmup,
+                          "repeats": report.repeats, "results": report.results},
+        lambda: render.model_bench(report)))
 
 
 def _refuse(ctx: click.Context, names: tuple[str, ...], reason: str) -> None:
@@ -784,34 +591,6 @@ def _bench_feeds(model, data: Path | None, batch_size: int) -> dict[str, np.ndar
                    "use a smaller --batch-size")
         feeds[spec.name] = rng.standard_normal((batch_size, *spec.shape[1:])).astype(spec.dtype)
     return feeds
-
-
-def _machine_line(machine: Machine) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in machine.versions.items())
-    return (f"{machine.cpu}, {machine.cores} cores, "
-            f"features: {', '.join(machine.features) or 'none detected'}; {versions}")
-
-
-def _render_model_bench(report: ModelBench) -> None:
-    numbers = ("batch", "threads", "median ms", "p90 ms", "samples/s", "speed-up")
-    table = _table(f"Latency, {report.repeats} rounds after {report.warmup} warm-up", "model",
-                   "backend", *numbers, right=numbers, caption=_machine_line(report.machine))
-    for r in report.results:
-        table.add_row(r.model, r.backend, str(r.batch_size), str(r.threads), f"{r.median_ms:.3f}",
-                      f"{r.p90_ms:.3f}", f"{r.throughput:.1f}", f"{r.speedup:.2f}x")
-    out.print(table)
-
-
-def _render_kernel_bench(machine: Machine, reports: list[KernelBench]) -> None:
-    for report in reports:
-        numbers = ("median ms", "p90 ms", f"vs {report.reference}", "max code diff")
-        table = _table(f"Quantized BN-ReLU on uint8 {list(report.shape)}, {report.threads} "
-                       f"thread(s), median of {report.repeats}", "path", *numbers, right=numbers,
-                       caption=_machine_line(machine))
-        for path in report.paths:
-            table.add_row(path.name, f"{path.median_ms:.2f}", f"{path.p90_ms:.2f}",
-                          f"{path.speedup:.2f}x", str(path.max_code_diff))
-        out.print(table)
 
 
 def main() -> None:

@@ -98,6 +98,7 @@ def test_help_loads_no_heavy_module():
 
 def test_choices_spelled_in_the_cli_match_the_registries():
     from bnq import cli as cli_module
+    from bnq import render
     from bnq.calibrate import calibrate
     from bnq.evaluate import BACKEND_CHOICES
     from bnq.observers import OBSERVERS
@@ -106,7 +107,7 @@ def test_choices_spelled_in_the_cli_match_the_registries():
     assert cli_module.METHODS == tuple(OBSERVERS)
     assert cli_module.BACKENDS == tuple(BACKENDS)
     assert cli_module.BACKEND_CHOICES == tuple(BACKEND_CHOICES)
-    assert set(cli_module.BODY_WORDS) == set(BODIES)
+    assert set(render.BODY_WORDS) == set(BODIES)
     defaults = inspect.signature(calibrate).parameters
     assert cli_module.METHOD == defaults["method"].default
     assert cli_module.WEIGHT_ROUNDING == defaults["weight_rounding"].default
@@ -127,10 +128,10 @@ def test_arguments_of_the_other_mode_are_usage_errors():
 def test_tables_never_cut_names():
     from rich.console import Console
 
-    from bnq.cli import _table
+    from bnq.render import report_table
 
     name = "/residual/bn1/BatchNormalization_relu_with_a_very_long_name_output_0"
-    table = _table("t", "node", "SQNR (dB)", right=("SQNR (dB)",))
+    table = report_table("t", "node", "SQNR (dB)", right=("SQNR (dB)",))
     table.add_row(name, "12.34")
     narrow = Console(width=40, record=True)
     narrow.print(table)
