@@ -46,11 +46,8 @@ def first_conv_shift(model, reference, x):
     return (quantized - expected).mean(axis=tuple(a for a in range(expected.ndim) if a != 1))
 
 
-@pytest.mark.parametrize("first_bias", [True, False], ids=["bias", "no bias"])
-def test_first_conv_mean_shift_removed(tmp_path, first_bias):
-    rng = np.random.default_rng(0)
-    model = conv_relu_model(rng, first_bias)
-    x = (rng.standard_normal((64, 8, 10, 10)) + 0.5).astype(np.float32)
+def plain_and_corrected(tmp_path, model, x):
+    """`model` calibrated on `x` without bias correction, then bias-corrected; the report."""
     np.savez(tmp_path / "calib.npz", x=x)
     data = SampleData(tmp_path / "calib.npz", model_inputs(model))
     plain, _ = calibrate(model, data, formats=FORMATS, weight_rounding=False,
@@ -58,26 +55,41 @@ def test_first_conv_mean_shift_removed(tmp_path, first_bias):
     [(corrected, report)] = correct_biases([plain], model, data.sample_shapes(),
                                            functools.partial(run, data=data, batch_size=16))
     onnx.checker.check_model(corrected, full_check=True)
+    return plain, corrected, report
+
+
+def assert_first_layer_corrected(plain, corrected, model, x):
+    """The first layer's int32 bias is its old one (0 if it had none) minus the shift measured
+    by running the quantized layer (its input is the model's, so the quantized model computes it
+    as is), in bias steps, and the shift left is under half a step."""
+    writers = producers(corrected.graph)
+    layer = next(node for node in corrected.graph.node if node.output[0] == "c1")
+    bias_scale, codes, old = (
+        {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}.get(name, 0)
+        for m, name in ((corrected, writers[layer.input[2]].input[1]),
+                        (corrected, writers[layer.input[2]].input[0]),
+                        (plain, writers[layer.input[2]].input[0])))
+    before = first_conv_shift(plain, model, x)
+    assert np.abs(before).max() > 4 * bias_scale.max()  # the shift was there
+    assert codes.dtype == np.int32
+    np.testing.assert_array_equal(codes, old - np.rint(before / bias_scale))
+    after = first_conv_shift(corrected, model, x)
+    np.testing.assert_array_less(np.abs(after), bias_scale / 2 + 1e-6 * np.abs(before).max())
+
+
+@pytest.mark.parametrize("first_bias", [True, False], ids=["bias", "no bias"])
+def test_first_conv_mean_shift_removed(tmp_path, first_bias):
+    rng = np.random.default_rng(0)
+    model = conv_relu_model(rng, first_bias)
+    x = (rng.standard_normal((64, 8, 10, 10)) + 0.5).astype(np.float32)
+    plain, corrected, report = plain_and_corrected(tmp_path, model, x)
     added = Counter(op_counts(corrected)) - Counter(op_counts(plain))
     assert added == ({} if first_bias else {"DequantizeLinear": 1})  # the new bias's
     assert report.layers == 2
     # onnxruntime folds the new bias into the first Conv's QLinearConv, as an existing one
     assert Counter(node.op_type for node in optimized_graph(corrected, tmp_path).node) == \
         Counter(node.op_type for node in optimized_graph(plain, tmp_path).node)
-    writers = producers(corrected.graph)
-    conv = next(node for node in corrected.graph.node if node.output[0] == "c1")
-    bias_scale = numpy_helper.to_array(next(
-        t for t in corrected.graph.initializer if t.name == writers[conv.input[2]].input[1]))
-    before = first_conv_shift(plain, model, x)
-    after = first_conv_shift(corrected, model, x)
-    assert np.abs(before).max() > 4 * bias_scale.max()  # the shift was there
-    np.testing.assert_array_less(np.abs(after), bias_scale / 2 + 1e-6 * np.abs(before).max())
-    # the integer bias holds the correction, in the quantized model's codes
-    codes = {t.name: numpy_helper.to_array(t) for t in corrected.graph.initializer}
-    old = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
-    name = writers[conv.input[2]].input[0]
-    assert codes[name].dtype == np.int32
-    np.testing.assert_array_equal(codes[name], old.get(name, 0) - np.rint(before / bias_scale))
+    assert_first_layer_corrected(plain, corrected, model, x)
 
 
 # The first layer's geometry: the mean shift comes from the tap means of its input (the module
@@ -99,8 +111,6 @@ GEOMETRIES = {
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_shift_removed_whatever_the_geometry(tmp_path, geometry):
-    """The correction of a first layer of each geometry is exactly the shift measured by running
-    the quantized layer (its input is the model's, so the quantized model computes it as is)."""
     rng = np.random.default_rng(2)
     sample, weight_shape, attributes = GEOMETRIES[geometry]
     op = "Gemm" if len(sample) == 1 else "Conv"
@@ -111,26 +121,9 @@ def test_shift_removed_whatever_the_geometry(tmp_path, geometry):
     model = make_model(nodes, [("x", ["N", *sample])], [("y", ["N", 16, *spatial])], opset=19,
                        initializers={"w1": w1, "b1": np.zeros(16, np.float32)})
     x = (rng.standard_normal((64, *sample)) + 0.5).astype(np.float32)
-    np.savez(tmp_path / "calib.npz", x=x)
-    data = SampleData(tmp_path / "calib.npz", model_inputs(model))
-    plain, _ = calibrate(model, data, formats=FORMATS, weight_rounding=False,
-                         bias_correction=False)
-    [(corrected, report)] = correct_biases([plain], model, data.sample_shapes(),
-                                           functools.partial(run, data=data, batch_size=16))
-    onnx.checker.check_model(corrected, full_check=True)
+    plain, corrected, report = plain_and_corrected(tmp_path, model, x)
     assert report.layers == 1
-    writers = producers(corrected.graph)
-    layer = next(node for node in corrected.graph.node if node.output[0] == "c1")
-    bias_scale, codes, old = (
-        {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}.get(name, 0)
-        for m, name in ((corrected, writers[layer.input[2]].input[1]),
-                        (corrected, writers[layer.input[2]].input[0]),
-                        (plain, writers[layer.input[2]].input[0])))
-    before = first_conv_shift(plain, model, x)
-    assert np.abs(before).max() > 4 * bias_scale.max()  # the shift was there
-    np.testing.assert_array_equal(codes, old - np.rint(before / bias_scale))
-    after = first_conv_shift(corrected, model, x)
-    np.testing.assert_array_less(np.abs(after), bias_scale / 2 + 1e-6 * np.abs(before).max())
+    assert_first_layer_corrected(plain, corrected, model, x)
 
 
 def test_calibrate_reports_bias_correction(tmp_path):
