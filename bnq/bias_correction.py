@@ -15,15 +15,20 @@ correction does the same)::
 A convolution is linear, and the mean over output positions of ``Conv(z, K)[c]`` is
 ``sum over inputs i and kernel taps t of K[c, i, t] * T(z)[i, t]``, where ``T(z)[i, t]`` is the
 mean of the input values that tap t reads (zero padding included). A tap's positions are a
-strided box, so ``T(z) = z (as inputs x positions) @ A / positions`` with ``A[p, t] = 1`` where
-tap t reads position p (a Kronecker product over the spatial axes). The float bias cancels::
+strided box: along each spatial axis a, tap k reads the input positions p with ``A_a[p, k] = 1``
+(``p = o * stride + k * dilation - pad_begin`` for some output position o), so T is a product of
+one small matrix per axis, contracted one axis at a time (never their Kronecker product, which
+for a 7x7 convolution of a 1024 x 2048 image would hold 100 million entries). The float bias
+cancels::
 
     d[c] = sum over i, t of  W'[c, i, t] * mean T(x')[i, t]  -  W[c, i, t] * mean T(x)[i, t]
-    T(x') = x_scale * ((codes - zero_point) @ A) / positions     # the @ in int32: exact
+    T(x') = x_scale * (codes - zero_point contracted with A_1 ... A_D) / positions
 
-So the data pass runs the float model plus, per layer, its input's QuantizeLinear, a
-MatMulInteger of the codes and a float MatMul, and the weights are applied once, in float64, to
-the means. On DenseNet-121 (64 samples, 2-core AMD EPYC) that pass took 2.2 s, against 3.3 to
+The codes are contracted over the last axis by MatMulInteger (int32, and at most 255 times the
+axis's size), then over the others by float64 MatMuls: exact integers. So the data pass runs the
+float model plus, per layer, its input's QuantizeLinear and a few small MatMuls (the float ones
+for T(x), with 1 / positions folded into the last axis's matrix), and the weights are applied
+once, in float64, to the means. On DenseNet-121 (64 samples, 2-core AMD EPYC) that pass took 2.2 s, against 3.3 to
 3.6 s for a probe with a second, quantized copy of every layer, and MobileNetV2 0.74 s against
 1.15 s; the corrections were the same but for 2 of DenseNet-121's 11,240 channels, rounded to the
 other side. A Gemm is the case without spatial axes (T(z) = z); grouped and depthwise
@@ -58,6 +63,7 @@ from bnq.graph import NameScope, check, concrete_shapes, constant_values, produc
 
 _GRID_BITS = 24  # units per quantization step of the layer's input: 2**24 or more
 _LIMIT = float(1 << 40)  # per-sample |value| in units: 2**16 steps at least; sums fit 2**23 samples
+_JOINT_ENTRIES = 1 << 22  # of the matrix that contracts several spatial axes at once
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class _Layer:
     input_qdq: tuple[np.ndarray, np.ndarray]  # per-tensor scale, zero point of that input
     weight: np.ndarray  # dequantized weight as (groups, outputs / groups, inputs / groups * taps)
     float_weight: np.ndarray  # the float layer's, the same way
-    taps: np.ndarray  # A * positions: (input positions, kernel taps) of 0 and 1; [[1]]: a Gemm
+    taps: tuple[np.ndarray, ...]  # per spatial axis, A_a: (input size, kernel size) of 0 and 1
     positions: int  # output positions per channel
     bias_codes: str | None  # the int32 initializer; None: the layer has no bias yet
     bias_scale: np.ndarray  # x_scale * w_scale, per output channel
@@ -84,7 +90,7 @@ class _Layer:
     @property
     def inputs(self) -> int:
         """Input channels (features of a Gemm)."""
-        return len(self.weight) * self.weight.shape[2] // self.taps.shape[1]
+        return len(self.weight) * self.weight.shape[2] // math.prod(len(a.T) for a in self.taps)
 
     @property
     def exponent(self) -> int:
@@ -132,12 +138,38 @@ def correct_biases(models: Sequence[onnx.ModelProto], reference: onnx.ModelProto
 
 def _shift(layer: _Layer, code_sums: np.ndarray, value: np.ndarray) -> np.ndarray:
     """d per output channel from the means of the code tap sums and of T(x) (module
-    docstring)."""
-    groups = len(layer.weight)
-    dequantized = (code_sums * (float(layer.input_qdq[0]) / layer.positions)).reshape(groups, -1)
+    docstring), whose taps come in `_tap_order`."""
+    groups, order = len(layer.weight), _tap_order(layer.taps)
+
+    def per_group(means):
+        taps = means.reshape(layer.inputs, *(len(layer.taps[axis].T) for axis in order))
+        return taps.transpose(0, *(1 + order.index(axis) for axis in range(len(order)))
+                              ).reshape(groups, -1)
+
+    dequantized = per_group(code_sums) * (float(layer.input_qdq[0]) / layer.positions)
     return (np.einsum("gok,gk->go", layer.weight.astype(np.float64), dequantized)
             - np.einsum("gok,gk->go", layer.float_weight.astype(np.float64),
-                        value.reshape(groups, -1))).reshape(-1)
+                        per_group(value))).reshape(-1)
+
+
+def _joint(taps: tuple[np.ndarray, ...]) -> int:
+    """How many trailing axes `_probe` contracts at once: as many as keep their Kronecker
+    product within _JOINT_ENTRIES, at least one: every axis, for the convolutions of a 224 x 224
+    classifier (one MatMul per tensor: DenseNet-121's pass took 2.2 s, against 2.4 s with every
+    axis apart, 64 samples). The bound keeps MatMulInteger's int32 sums exact, as
+    255 * 2**22 < 2**31."""
+    count, entries = 1, taps[-1].size
+    while count < len(taps) and entries * taps[-count - 1].size <= _JOINT_ENTRIES:
+        count += 1
+        entries *= taps[-count].size
+    return count
+
+
+def _tap_order(taps: tuple[np.ndarray, ...]) -> list[int]:
+    """The spatial axes whose taps `_probe`'s outputs hold, outer to inner: the joint trailing
+    axes in order, then the others from the last to the first."""
+    first = len(taps) - _joint(taps)
+    return [*range(first, len(taps)), *range(first - 1, -1, -1)]
 
 
 def _corrected(quantized: onnx.ModelProto, layers: list[_Layer], shifts: list[np.ndarray]
@@ -293,7 +325,7 @@ def _layers(quantized: onnx.ModelProto, reference: _Reference) -> list[_Layer]:
             taps = _taps(attributes, weight.shape[2:], in_shape[2:], out_shape[2:])
             as_matrix = functools.partial(_grouped, groups=attributes.get("group", 1))
         else:
-            taps = np.ones((1, 1), np.int8)
+            taps = (np.ones((1, 1), np.int8),)  # (N, features) read as (N, features, 1)
             as_matrix = functools.partial(_gemm_matrix, transposed=attributes.get("transB", 0))
         found.append(_Layer(node, source, (x_scale, x_zero_point), as_matrix(weight),
                             as_matrix(float_weight), taps, math.prod(out_shape[2:]),
@@ -314,17 +346,15 @@ def _gemm_matrix(weight: np.ndarray, transposed: int) -> np.ndarray:
 
 
 def _taps(attributes: dict, kernel: Sequence[int], inputs: Sequence[int],
-          outputs: Sequence[int]) -> np.ndarray:
-    """A * positions (module docstring) of a Conv with these attributes and spatial sizes: per
-    spatial axis, a[p, k] = 1 where some output position o reads input position
-    p = o * stride + k * dilation - pad_begin; the Kronecker product over the axes."""
+          outputs: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """A_a (module docstring) of each spatial axis of a Conv with these attributes and sizes."""
     rank = len(kernel)
     strides = attributes.get("strides", [1] * rank)
     dilations = attributes.get("dilations", [1] * rank)
     pads = attributes.get("pads", [0] * 2 * rank)
     auto_pad = attributes.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    matrix = np.ones((1, 1), np.int8)
+    matrices = []
     for axis, (size, out, k) in enumerate(zip(inputs, outputs, kernel)):
         stride, dilation = strides[axis], dilations[axis]
         total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
@@ -334,16 +364,16 @@ def _taps(attributes: dict, kernel: Sequence[int], inputs: Sequence[int],
         inside = (read >= 0) & (read < size)
         a = np.zeros((size, k), np.int8)
         a[read[inside], np.nonzero(inside)[1]] = 1
-        matrix = np.kron(matrix, a)
-    return matrix
+        matrices.append(a)
+    return tuple(matrices)
 
 
 def _probe(reference: onnx.ModelProto, layers: list[_Layer]
            ) -> tuple[onnx.ModelProto, list[tuple[str, str]], dict[str, int]]:
-    """``reference`` plus, per layer, graph outputs per sample: the integer tap sums of its input
-    codes minus their zero point, and T(x): their names per layer, and each output's exponent
-    (its units; 0 for the integer sums). Layers reading the same tensor in the same units through
-    the same taps share its T(x)."""
+    """``reference`` plus, per layer, graph outputs per sample: the tap sums of its input codes
+    minus their zero point (exact integers) and T(x): their names per layer, and each output's
+    exponent (its units; 0 for the integer sums). Layers reading the same tensor in the same
+    units through the same taps share its T(x)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(reference)
     graph = probe.graph
@@ -360,39 +390,53 @@ def _probe(reference: onnx.ModelProto, layers: list[_Layer]
             graph.initializer.append(numpy_helper.from_array(array, initializers[key]))
         return initializers[key]
 
-    def flat(tensor, layer, base):
-        """(N, inputs, positions)."""
-        name = scope.fresh(f"{base}_flat")
-        graph.node.append(helper.make_node(
-            "Reshape", [tensor, constant("probe_shape", np.array([0, layer.inputs, -1]))],
-            [name], name=scope.fresh(f"{base}_probe_flatten")))
-        return name
+    def node(op, inputs, base, **attributes):
+        output = scope.fresh(base)
+        graph.node.append(helper.make_node(op, inputs, [output], name=scope.fresh(f"{base}_{op}"),
+                                           **attributes))
+        return output
 
-    def output(name, exponent):
-        graph.output.append(helper.make_tensor_value_info(
-            name, onnx.TensorProto.FLOAT if exponent else onnx.TensorProto.INT32, None))
-        exponents[name] = exponent
-        return name
+    def contracted(tensor, layer, base, zero_point=None):
+        """`tensor` as (N, inputs, sizes...) contracted with each axis's A_a (module docstring):
+        the trailing axes of `_joint` at once, with their Kronecker product, then each other axis
+        by a MatMul from the right after moving it last, so that the taps come in `_tap_order`.
+        Codes minus `zero_point` by MatMulInteger, then in int64; without a zero point the float
+        tensor, with 1 / positions in the first matrix."""
+        sizes = [len(a) for a in layer.taps]
+        first = len(sizes) - _joint(layer.taps)
+        block = functools.reduce(np.kron, layer.taps[first:])
+        current = node("Reshape", [tensor, constant("probe_shape", np.array(
+            [0, layer.inputs, *sizes[:first], -1]))], f"{base}_shaped")
+        if zero_point is None:
+            current = node("MatMul", [current, constant("probe_taps", (
+                block / layer.positions).astype(np.float32))], f"{base}_contracted")
+        else:
+            current = node("MatMulInteger", [current, constant("probe_taps", block.astype(
+                layer.input_qdq[1].dtype)), zero_point], f"{base}_contracted")
+            if first:
+                current = node("Cast", [current], f"{base}_exact", to=onnx.TensorProto.INT64)
+        dtype = np.float32 if zero_point is None else np.int64
+        for axis in reversed(range(first)):  # (..., size, taps so far) -> its taps last
+            current = node("Reshape", [current, constant("probe_shape", np.array(
+                [0, layer.inputs, *sizes[:axis + 1], -1]))], f"{base}_shaped")
+            current = node("Transpose", [current], f"{base}_moved",
+                           perm=[*range(axis + 2), axis + 3, axis + 2])
+            current = node("MatMul", [current, constant("probe_taps", layer.taps[axis].astype(
+                dtype))], f"{base}_contracted")
+        kind = (onnx.TensorProto.FLOAT if zero_point is None else onnx.TensorProto.INT64
+                if first else onnx.TensorProto.INT32)
+        graph.output.append(helper.make_tensor_value_info(current, kind, None))
+        exponents[current] = 0 if zero_point is not None else layer.exponent
+        return current
 
     for layer in layers:
         base = layer.node.output[0]
         scale, zero_point = (constant(f"{base}_x_{what}", array)
                              for what, array in zip(("scale", "zero_point"), layer.input_qdq))
-        codes, sums = scope.fresh(f"{base}_x_codes"), scope.fresh(f"{base}_x_code_sums")
-        graph.node.append(helper.make_node("QuantizeLinear", [layer.source, scale, zero_point],
-                                           [codes], name=scope.fresh(f"{base}_probe_quantize")))
-        graph.node.append(helper.make_node(
-            "MatMulInteger", [flat(codes, layer, f"{base}_x_codes"),
-                              constant("probe_taps", layer.taps.astype(layer.input_qdq[1].dtype)),
-                              zero_point], [sums], name=scope.fresh(f"{base}_probe_code_sums")))
-        key = (layer.source, layer.taps.shape, layer.taps.tobytes(), layer.positions,
-               layer.exponent)
+        codes = node("QuantizeLinear", [layer.source, scale, zero_point], f"{base}_x_codes")
+        key = (layer.source, tuple((a.shape, a.tobytes()) for a in layer.taps),
+               layer.positions, layer.exponent)
         if key not in shared:
-            means = scope.fresh(f"{base}_x_tap_means")
-            graph.node.append(helper.make_node(
-                "MatMul", [flat(layer.source, layer, f"{base}_x"), constant(
-                    "probe_tap_means", (layer.taps / layer.positions).astype(np.float32))],
-                [means], name=scope.fresh(f"{base}_probe_tap_means")))
-            shared[key] = output(means, layer.exponent)
-        names.append((output(sums, 0), shared[key]))
+            shared[key] = contracted(layer.source, layer, f"{base}_x_tap_means")
+        names.append((contracted(codes, layer, f"{base}_x_code_sums", zero_point), shared[key]))
     return probe, names, exponents

@@ -15,6 +15,7 @@ from graphs import make_model, run_ort
 from test_calibrate import optimized_graph
 from onnx import helper, numpy_helper
 
+from bnq import bias_correction
 from bnq.bias_correction import correct_biases
 from bnq.execution import run
 from bnq.calibrate import calibrate
@@ -109,8 +110,12 @@ GEOMETRIES = {
 }
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["axes at once", "axes apart"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_shift_removed_whatever_the_geometry(tmp_path, geometry):
+def test_shift_removed_whatever_the_geometry(tmp_path, monkeypatch, geometry, apart):
+    """Also with every spatial axis contracted apart, as for large images."""
+    if apart:
+        monkeypatch.setattr(bias_correction, "_JOINT_ENTRIES", 1)
     rng = np.random.default_rng(2)
     sample, weight_shape, attributes = GEOMETRIES[geometry]
     op = "Gemm" if len(sample) == 1 else "Conv"
