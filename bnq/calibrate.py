@@ -206,7 +206,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                      for name, observer in observers.items()}
     chosen = choice.chosen if choice else method
     qparams = _qparams(plan, observers, activation)
-    quantized, weights = _rewrite(fused, plan, qparams, formats, rounded)
+    quantized, weights, body = _rewrite(fused, plan, qparams, formats, rounded)
     check(quantized, "the quantized model")
     corrected = None
     if correct:
@@ -223,7 +223,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     tensors += [_describe(name, "weight", "symmetric", q) for name, q in weights.items()]
     return quantized, CalibrationReport(observed.samples, observed.batches, method, formats,
                                         fusion, tuple(tensors), op_counts(quantized),
-                                        body_for(quantized), folded_pools, observed.plan,
+                                        body, folded_pools, observed.plan,
                                         len(rounded), corrected, equalization, choice)
 
 
@@ -543,7 +543,10 @@ class _Builder:
 
 
 def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams],
-             formats: IntegerFormats, rounded: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, QuantParams]]:
+             formats: IntegerFormats, rounded: dict[str, np.ndarray]
+             ) -> tuple[onnx.ModelProto, dict[str, QuantParams], str]:
+    """The quantized model, its weights' parameters and the body of its fused BN-ReLU nodes
+    (`bnq.qops.body_for`, chosen and checked once here; bias correction changes no BN-ReLU)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
@@ -592,7 +595,8 @@ def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]
-    return ops.attach_functions(result), weights
+    body = body_for(result)
+    return ops.attach_functions(result, body), weights, body
 
 
 def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

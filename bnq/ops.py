@@ -41,11 +41,13 @@ def batch_norm_relu_function(model: onnx.ModelProto) -> onnx.FunctionProto:
                                 attributes=["epsilon"])
 
 
-def qlinear_batch_norm_relu_function(model: onnx.ModelProto) -> onnx.FunctionProto:
-    """The quantized fused op's body, chosen for the model's parameters by `bnq.qops`."""
+def qlinear_batch_norm_relu_function(model: onnx.ModelProto, body: str | None = None
+                                     ) -> onnx.FunctionProto:
+    """The quantized fused op's body: `body` (a name of `bnq.qops.BODIES`) or, by default, the one
+    `bnq.qops.body_for` chooses for the model's parameters."""
     from bnq.qops import function_for  # bnq.qops builds on this module's DOMAIN
 
-    return function_for(model)
+    return function_for(model, body)
 
 
 FUNCTIONS: dict[str, Callable[[onnx.ModelProto], onnx.FunctionProto]] = {
@@ -54,12 +56,15 @@ FUNCTIONS: dict[str, Callable[[onnx.ModelProto], onnx.FunctionProto]] = {
 }
 
 
-def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give `model` the function bodies and the opset import of every bnq op its graph uses."""
+def attach_functions(model: onnx.ModelProto, body: str | None = None) -> onnx.ModelProto:
+    """Give `model` the function bodies and the opset import of every bnq op its graph uses; the
+    quantized op gets `body` when the caller has chosen it (`bnq.qops.body_for`)."""
     used = sorted({node.op_type for node in model.graph.node if node.domain == DOMAIN})
     kept = [function for function in model.functions if function.domain != DOMAIN]
     del model.functions[:]
-    model.functions.extend(kept + [FUNCTIONS[op](model) for op in used])
+    model.functions.extend(kept + [qlinear_batch_norm_relu_function(model, body)
+                                   if op == "QLinearBatchNormRelu" else FUNCTIONS[op](model)
+                                   for op in used])
     imports = [o for o in model.opset_import if o.domain != DOMAIN]
     if used:
         imports.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))

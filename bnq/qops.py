@@ -392,9 +392,9 @@ def body_for(model: onnx.ModelProto) -> str:
     return "table"
 
 
-def function_for(model: onnx.ModelProto) -> onnx.FunctionProto:
-    """The function body of `body_for(model)`, at the model's opset."""
-    opset, body = default_opset(model), body_for(model)
+def function_for(model: onnx.ModelProto, body: str | None = None) -> onnx.FunctionProto:
+    """The function body of `body`, by default `body_for(model)`, at the model's opset."""
+    opset, body = default_opset(model), body or body_for(model)
     if body == "integer":
         return integer_function(opset)
     return qlinear_bn_relu_function(opset) if body == "table" else direct_function(opset, body)
