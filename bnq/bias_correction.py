@@ -1,11 +1,11 @@
 """Bias correction: remove the mean error that quantization adds to each Conv / Gemm output.
 
 Rounding a layer's weights (and its input) shifts the mean of its outputs, channel by channel;
-the next layers see that shift as a bias and pass it on. For each quantized Conv or Gemm whose input is
-quantized per tensor, with an int32 bias (``b = b_q * s_b``, ``s_b = x_scale * w_scale[c]``) or
-none (it gets one: the convolutions after DenseNet's BN-ReLUs have no bias), the shift is
-measured on the calibration data, layer by layer with the float model's input to the layer (NNCF's fast bias
-correction does the same)::
+the next layers see that shift as a bias and pass it on. For each quantized Conv or Gemm whose
+input is quantized per tensor, with an int32 bias (``b = b_q * s_b``, ``s_b = x_scale *
+w_scale[c]``) or none (it gets one: the convolutions after DenseNet's BN-ReLUs have no bias), the
+shift is measured on the calibration data, layer by layer with the float model's input to the
+layer (NNCF's fast bias correction does the same)::
 
     y  = Conv(x, W) + b                                   # the float layer
     y' = Conv(x', W') + b,  x' = DQ(Q(x)), W' = DQ(W_q)   # quantized input and weights
@@ -16,23 +16,24 @@ A convolution is linear, and the mean over output positions of ``Conv(z, K)[c]``
 ``sum over inputs i and kernel taps t of K[c, i, t] * T(z)[i, t]``, where ``T(z)[i, t]`` is the
 mean of the input values that tap t reads (zero padding included). A tap's positions are a
 strided box: along each spatial axis a, tap k reads the input positions p with ``A_a[p, k] = 1``
-(``p = o * stride + k * dilation - pad_begin`` for some output position o), so T is a product of
-one small matrix per axis, contracted one axis at a time (never their Kronecker product, which
-for a 7x7 convolution of a 1024 x 2048 image would hold 100 million entries). The float bias
-cancels::
+(``p = o * stride + k * dilation - pad_begin`` for some output position o), so T contracts z
+with one small 0/1 matrix per axis. The float bias cancels::
 
     d[c] = sum over i, t of  W'[c, i, t] * mean T(x')[i, t]  -  W[c, i, t] * mean T(x)[i, t]
-    T(x') = x_scale * (codes - zero_point contracted with A_1 ... A_D) / positions
+    T(x') = x_scale * (codes - zero_point, contracted with A_1 ... A_D) / positions
 
-The codes are contracted over the last axis by MatMulInteger (int32, and at most 255 times the
-axis's size), then over the others by float64 MatMuls: exact integers. So the data pass runs the
-float model plus, per layer, its input's QuantizeLinear and a few small MatMuls (the float ones
-for T(x), with 1 / positions folded into the last axis's matrix), and the weights are applied
-once, in float64, to the means. On DenseNet-121 (64 samples, 2-core AMD EPYC) that pass took 2.2 s, against 3.3 to
-3.6 s for a probe with a second, quantized copy of every layer, and MobileNetV2 0.74 s against
-1.15 s; the corrections were the same but for 2 of DenseNet-121's 11,240 channels, rounded to the
-other side. A Gemm is the case without spatial axes (T(z) = z); grouped and depthwise
-convolutions sum within their group.
+The trailing axes are contracted at once with the Kronecker product of their matrices while it
+stays small (every axis of a 224 x 224 classifier's convolutions), the others one at a time (a
+7x7 convolution of a 1024 x 2048 image would need 100 million entries at once). The codes go
+through MatMulInteger (int32 sums of at most 255 * 2**22 values: a layer with a longer spatial
+axis is left as it is) and int64 MatMuls: exact integers.
+So the data pass runs the float model plus, per layer, its input's QuantizeLinear and a few
+small MatMuls (float ones for T(x), with 1 / positions folded in), and the weights are applied
+once, in float64, to the means. On DenseNet-121 (64 samples, 2-core AMD EPYC) that pass took
+2.2 s, against 3.3 to 3.6 s for a probe with a second, quantized copy of every layer, and
+MobileNetV2 0.74 s against 1.15 s; the corrections were the same but for 2 of DenseNet-121's
+11,240 channels, rounded to the other side. A Gemm is the case without spatial axes
+(T(z) = z); grouped and depthwise convolutions sum within their group.
 
 The integer sums add up exactly in int64. T(x) is added as integers too, in units of
 ``2**(floor(log2 x_scale) - 24)`` (a sample's mean beyond 2**16 quantization steps of the input
@@ -64,6 +65,9 @@ from bnq.graph import NameScope, check, concrete_shapes, constant_values, produc
 _GRID_BITS = 24  # units per quantization step of the layer's input: 2**24 or more
 _LIMIT = float(1 << 40)  # per-sample |value| in units: 2**16 steps at least; sums fit 2**23 samples
 _JOINT_ENTRIES = 1 << 22  # of the matrix that contracts several spatial axes at once
+# Input positions along one axis, at most: MatMulInteger's int32 sums stay exact (255 * 2**22 <
+# 2**31) whether the axis is contracted alone or with others (_JOINT_ENTRIES bounds those).
+_LONGEST_AXIS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -156,8 +160,7 @@ def _joint(taps: tuple[np.ndarray, ...]) -> int:
     """How many trailing axes `_probe` contracts at once: as many as keep their Kronecker
     product within _JOINT_ENTRIES, at least one: every axis, for the convolutions of a 224 x 224
     classifier (one MatMul per tensor: DenseNet-121's pass took 2.2 s, against 2.4 s with every
-    axis apart, 64 samples). The bound keeps MatMulInteger's int32 sums exact, as
-    255 * 2**22 < 2**31."""
+    axis apart, 64 samples)."""
     count, entries = 1, taps[-1].size
     while count < len(taps) and entries * taps[-count - 1].size <= _JOINT_ENTRIES:
         count += 1
@@ -310,7 +313,8 @@ def _layers(quantized: onnx.ModelProto, reference: _Reference) -> list[_Layer]:
         float_weight = None if float_layer is None else reference.constants.get(
             float_layer.input[1])
         in_shape, out_shape = (reference.shapes.get(name) for name in (source, node.output[0]))
-        if float_weight is None or in_shape is None or out_shape is None:
+        if (float_weight is None or in_shape is None or out_shape is None
+                or any(size > _LONGEST_AXIS for size in in_shape[2:])):
             continue
         w_codes, w_scale, w_zero_point = (constants[name] for name in w_dq.input[:3])
         w_axis = next((helper.get_attribute_value(a) for a in w_dq.attribute

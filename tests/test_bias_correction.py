@@ -131,6 +131,17 @@ def test_shift_removed_whatever_the_geometry(tmp_path, monkeypatch, geometry, ap
     assert_first_layer_corrected(plain, corrected, model, x)
 
 
+def test_a_layer_with_too_long_an_axis_is_left_as_it_is(tmp_path, monkeypatch):
+    """Its codes' int32 tap sums could overflow: no correction, rather than a wrong one."""
+    monkeypatch.setattr(bias_correction, "_LONGEST_AXIS", 9)  # the 10 x 10 inputs exceed it
+    rng = np.random.default_rng(3)
+    model = conv_relu_model(rng)
+    x = (rng.standard_normal((16, 8, 10, 10)) + 0.5).astype(np.float32)
+    plain, corrected, report = plain_and_corrected(tmp_path, model, x)
+    assert report.layers == 0
+    assert corrected.SerializeToString() == plain.SerializeToString()
+
+
 def test_calibrate_reports_bias_correction(tmp_path):
     rng = np.random.default_rng(1)
     model = conv_relu_model(rng)
