@@ -36,7 +36,8 @@ import models as builders
 from common import print_machine, session, sqnr, table
 
 import bnq
-from bnq.calibrate import WEIGHTED, calibrate, prepare
+from bnq.calibrate import calibrate, prepare
+from bnq.planning import WEIGHTED
 from bnq.data import SampleData, model_inputs
 from bnq.graph import constant_values, drop_unused, producers
 from bnq.machine import default_formats

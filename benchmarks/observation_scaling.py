@@ -47,11 +47,12 @@ def main() -> None:
     import dask
     import distributed
 
-    from bnq.calibrate import _Observation, _plan, prepare
+    from bnq.calibrate import _Observation, prepare
     from bnq.data import SampleData, model_inputs
     from bnq.execution import Job, run
     from bnq.io import load_model
     from bnq.machine import describe
+    from bnq.planning import plan_quantization
 
     import numpy as np
 
@@ -62,7 +63,7 @@ def main() -> None:
     os.chdir(scratch)  # a relative path, which workers moved elsewhere cannot read
     data = SampleData("samples.npy", model_inputs(model))
     fused = prepare(model)[0]
-    plan = _plan(fused)
+    plan = plan_quantization(fused)
     names = plan.activations + [node.output[0] for node in plan.batch_norms] + plan.bn_inputs
     per_channel = {name: name in plan.bn_inputs for name in names}
     job = Job((fused,), ("onnxruntime",), tuple(((name,),) for name in names),

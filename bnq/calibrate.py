@@ -39,53 +39,34 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx.inliner
-from onnx import helper, numpy_helper, version_converter
+from onnx import version_converter
 
 from bnq import ops
 from bnq.bias_correction import BiasCorrection, correct_biases
 from bnq.choice import FOLDS, MethodChoice, choose, fold
 from bnq.data import SampleData, model_inputs
+from bnq.emit import quantized_model
 from bnq.equalization import Equalization, equalize_layers
 from bnq.errors import ArgumentError, DataError, ModelError
 from bnq.execution import DEFAULT_MEMORY_LIMIT, SAMPLE, ExecutionPlan, Job, run
 from bnq.fusion import FuseReport, fuse
 from bnq.graph import (
-    NameScope,
     check,
     constant_values,
-    consumers,
     default_opset,
     node_label,
     op_counts,
-    output_names,
     producers,
     quantized_nodes,
-    reads,
 )
 from bnq.machine import IntegerFormats
 from bnq.observers import CANDIDATES, CandidateObserver, Observer, make_observer
-from bnq.qops import INTEGER_INPUTS, INPUTS, body_for, float_output_scale, integer_output_scale
+from bnq.planning import WEIGHTED, Plan, plan_quantization
+from bnq.quantization import QuantParams, quant_range
 from bnq.rewrites import fold_average_pool
-from bnq.quantization import QuantParams, quant_range, quantize, weight_qparams
-from bnq.rounding import round_weights, weight_axis
+from bnq.rounding import round_weights
 
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear of onnx's reference evaluator start here
-WEIGHTED = ("Conv", "Gemm", "MatMul")
-# Ops whose integer kernels in onnxruntime beat float: their activation inputs and outputs are
-# quantized. Add (QLinearAdd): the digits sample's residual Add, 1 thread, AVX-512 VNNI: the model
-# 1.43x faster at batch 32 and 1.03 vs 0.85x float at batch 1 with it, same SQNR (37.9 dB). Left
-# out, as measured slower than float (onnxruntime 1.32, AVX2): QLinearAveragePool, 13x slower than
-# AveragePool on the sample (a 1x1 Conv + AveragePool is folded into one Conv instead:
-# `bnq.rewrites`).
-QUANTIZED_IO = ("GlobalAveragePool", "MaxPool", "Add")
-# Ops that move or pick values without changing them: their output reuses their input's
-# parameters. MaxPool too: onnxruntime then runs it on the codes with no requantization, which
-# its own range, narrower for the histogram methods, cost (1 DequantizeLinear, 1 QuantizeLinear
-# and 2 Transposes more in ResNet-50's optimized graph).
-# What may stand between a classifier and the features it reads (`_final_inputs`).
-_FINAL_CHAIN = ("Flatten", "Reshape", "Squeeze", "GlobalAveragePool", "GlobalMaxPool",
-                "AveragePool", "MaxPool", "ReduceMean", "Relu", "Clip")
-PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "MaxPool")
 
 
 @dataclass(frozen=True)
@@ -121,21 +102,6 @@ class CalibrationReport:
     choice: MethodChoice | None  # what method "auto" measured and kept; None for the others
 
 
-@dataclass
-class _Plan:
-    """What to quantize in a fused float model."""
-
-    activations: list[str]  # per-tensor QDQ, in graph order
-    aliases: dict[str, str]  # pass-through output -> the input whose parameters it reuses
-    batch_norms: list[onnx.NodeProto]
-    bn_inputs: list[str]  # BN inputs that get their own per-channel observer
-    concat_sources: dict[str, onnx.NodeProto]  # BN input -> the Concat of quantized branches
-    shapes: dict[str, tuple[int, int]]  # tensor -> (rank, channels), where shape inference knows
-    clips: dict[str, tuple[float, float]]  # a Clip's output -> its bounds, which its range respects
-    producers: dict[str, onnx.NodeProto]
-    full_range: set[str]  # tensors that keep their observed min/max whatever the method
-
-
 def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerFormats,
               method: str = "minmax", method_options: dict | None = None, batch_size: int = 32,
               num_samples: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
@@ -164,7 +130,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
     equalization = None
     if equalize:
         fused, equalization = equalize_layers(fused)
-    plan = _plan(fused)
+    plan = plan_quantization(fused)
     if not (plan.activations or plan.batch_norms or plan.bn_inputs):
         raise ModelError("nothing to quantize: the model has no Conv, Gemm or MatMul with "
                          "constant weights, no BatchNormalization + Relu that fuses (bnq fuse "
@@ -206,7 +172,7 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
                      for name, observer in observers.items()}
     chosen = choice.chosen if choice else method
     qparams = _qparams(plan, observers, activation)
-    quantized, weights, body = _rewrite(fused, plan, qparams, formats, rounded)
+    quantized, weights, body = quantized_model(fused, plan, qparams, formats, rounded)
     check(quantized, "the quantized model")
     corrected = None
     if correct:
@@ -237,7 +203,7 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport, tuple[
     return fused, fusion, folded_pools
 
 
-def _choose(fused: onnx.ModelProto, plan: _Plan, folds: list[dict[str, CandidateObserver]],
+def _choose(fused: onnx.ModelProto, plan: Plan, folds: list[dict[str, CandidateObserver]],
             activation: np.dtype, formats: IntegerFormats, rounded: dict[str, np.ndarray],
             execute: Callable, correct: Callable | None) -> MethodChoice:
     """Method auto: every method's model of each fold, bias-corrected (`correct`, when given) on
@@ -248,7 +214,7 @@ def _choose(fused: onnx.ModelProto, plan: _Plan, folds: list[dict[str, Candidate
         for observers in folds:
             qparams = _qparams(plan, {name: observer.candidate(method)
                                       for name, observer in observers.items()}, activation)
-            model = _rewrite(fused, plan, qparams, formats, rounded)[0]
+            model = quantized_model(fused, plan, qparams, formats, rounded)[0]
             check(model, f"the quantized model of method {method}")
             candidates[method].append(model)
     if correct:
@@ -259,7 +225,7 @@ def _choose(fused: onnx.ModelProto, plan: _Plan, folds: list[dict[str, Candidate
     return choose(fused, candidates, execute)
 
 
-def _qparams(plan: _Plan, observers: dict[str, Observer], activation: np.dtype
+def _qparams(plan: Plan, observers: dict[str, Observer], activation: np.dtype
              ) -> dict[str, QuantParams]:
     """Each planned tensor's parameters from its observer (its observed min/max for the
     classifier's input, `_final_inputs`), inside a Clip's bounds after it; a pass-through
@@ -314,100 +280,6 @@ def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
     return ops.attach_functions(upgraded)
 
 
-def _plan(model: onnx.ModelProto) -> _Plan:
-    graph = model.graph
-    constants = constant_values(model)
-    readers = consumers(graph)
-    writers = producers(graph)
-    outputs = output_names(graph)
-    wanted: list[str] = []
-
-    def want(name: str) -> None:
-        if name and name not in constants and name not in outputs and name not in wanted:
-            wanted.append(name)
-
-    for value in graph.input:
-        if any(r.op_type in WEIGHTED + QUANTIZED_IO for r in readers.get(value.name, [])):
-            want(value.name)
-    batch_norms = []
-    clips = {}
-    for node in graph.node:
-        bounds = _activation_bounds(node, constants)
-        if node.domain == ops.DOMAIN and node.op_type == "BatchNormRelu":
-            batch_norms.append(node)
-        elif bounds is not None:  # onnxruntime folds it into the quantizer after it
-            want(node.output[0])
-            if node.op_type == "Clip":
-                clips[node.output[0]] = bounds
-        elif (node.op_type in WEIGHTED and node.input[1] in constants
-              or node.op_type in QUANTIZED_IO):
-            for name in node.input[:1] if node.op_type in WEIGHTED else node.input:
-                want(name)
-            after = readers.get(node.output[0], [])
-            if not (len(after) == 1 and _activation_bounds(after[0], constants)):
-                want(node.output[0])  # else the activation's output: onnxruntime fuses it
-    bn_outputs = {node.output[0] for node in batch_norms}
-    activations = [name for name in wanted if name not in bn_outputs]
-    aliases = {}
-    for name in list(activations):
-        node = writers.get(name)
-        if node is not None and node.op_type in PASS_THROUGH and node.input[0] in activations:
-            aliases[name] = node.input[0]
-            activations.remove(name)
-    sourced = set(activations) | bn_outputs | set(aliases)
-    shapes = _channel_counts(model)
-    concat_sources, bn_inputs = {}, []
-    for node in batch_norms:
-        x = node.input[0]
-        if x in sourced:
-            continue
-        concat = writers.get(x)
-        if concat is not None and _is_channel_concat(concat, shapes, sourced, writers):
-            concat_sources[x] = concat
-        elif x not in bn_inputs:
-            bn_inputs.append(x)
-    return _Plan(activations, aliases, batch_norms, bn_inputs, concat_sources, shapes, clips,
-                 writers, _final_inputs(graph, constants, readers, writers, outputs))
-
-
-def _final_inputs(graph: onnx.GraphProto, constants: dict[str, np.ndarray], readers: dict,
-                  writers: dict, outputs: set[str]) -> set[str]:
-    """The inputs of the layers that write model outputs (a classifier's Gemm) through pooling
-    or reshaping, back through those ops (and activations) to the tensor they start from: the
-    pooled features the logits are read from. Their largest values carry the classes, and no
-    later layer averages a clipping error there: under every method they keep their observed
-    min/max (on DenseNet-121, mse clipping that vector alone cost 0.75 dB of logit SQNR)."""
-    found = set()
-    for node in graph.node:
-        if node.op_type in WEIGHTED and node.input[1] in constants and node.output[0] in outputs:
-            chain, name = [], node.input[0]
-            while (name in writers and writers[name].op_type in _FINAL_CHAIN
-                   and len(readers.get(name, [])) == 1):
-                chain.append(name)
-                name = writers[name].input[0]
-            if any(writers[link].op_type not in ("Relu", "Clip") for link in chain):
-                found.update(chain, [name])  # features pooled or flattened for the classifier
-    return found
-
-
-def _activation_bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]
-                       ) -> tuple[float, float] | None:
-    """(min, max) of a Relu or of a Clip with constant bounds and min <= 0 <= max, else None.
-
-    onnxruntime folds such an activation into the QuantizeLinear after it (ReluQuantFusion,
-    ClipQuantFusion) when the quantized range lies inside its bounds, and then the op before it
-    (Conv, Gemm, Add) into one integer op: so after such ops only the activation's output is
-    quantized, and the integer op's clamp is the activation (ReLU6 in MobileNets)."""
-    if node.op_type == "Relu":
-        return 0.0, float("inf")
-    if node.op_type != "Clip" or not all(name in constants for name in node.input[1:] if name):
-        return None
-    names = list(node.input[1:]) + ["", ""]
-    low = float(constants[names[0]]) if names[0] else -float("inf")
-    high = float(constants[names[1]]) if names[1] else float("inf")
-    return (low, high) if low <= 0 <= high else None
-
-
 def _inside(q: QuantParams, low: float, high: float) -> QuantParams:
     """`q` with its scale lowered by ulps until its whole range, as onnxruntime computes it in
     float32 (`scale * (qmax - zero_point)`), lies inside [low, high]: then a Clip of those bounds
@@ -418,36 +290,6 @@ def _inside(q: QuantParams, low: float, high: float) -> QuantParams:
            or scale * (np.float32(qmin) - zero_point) < low):
         scale = np.nextafter(scale, np.float32(0))
     return dataclasses.replace(q, scale=np.asarray(scale))
-
-
-def _channel_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """Tensor name -> (rank, channels) where shape inference knows both."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    counts = {}
-    graph = inferred.graph
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) >= 2 and dims[1].HasField("dim_value"):
-            counts[value.name] = (len(dims), dims[1].dim_value)
-    return counts
-
-
-def _is_channel_concat(node: onnx.NodeProto, shapes: dict, sourced: set[str],
-                       writers: dict[str, onnx.NodeProto]) -> bool:
-    """A Concat along the channel axis whose inputs all have integer codes (or are such Concats)."""
-    if node.op_type != "Concat" or node.output[0] not in shapes:
-        return False
-    rank = shapes[node.output[0]][0]
-    axis = helper.get_attribute_value(node.attribute[0])
-    if axis % rank != 1:
-        return False
-    for name in node.input:
-        if name not in shapes:
-            return False
-        if name not in sourced and not (
-                name in writers and _is_channel_concat(writers[name], shapes, sourced, writers)):
-            return False
-    return True
 
 
 class _Observation:
@@ -502,207 +344,6 @@ class _Observation:
             for observers in self.folds:
                 merged[name].merge(observers[name])
         return merged
-
-
-class _Builder:
-    """Emits the quantized graph node by node; `codes` maps a float tensor to the name of its
-    integer codes and their scale and zero point (0-d per tensor, [C] per channel)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.scope = NameScope(model.graph)
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.codes: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
-
-    def constant(self, base: str, array: np.ndarray) -> str:
-        name = self.scope.fresh(base)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], output_base: str, **attrs) -> str:
-        output = self.scope.fresh(output_base)
-        self.nodes.append(helper.make_node(op, inputs, [output],
-                                           name=self.scope.fresh(f"{output_base}_{op}"), **attrs))
-        return output
-
-    def quantize(self, name: str, q: QuantParams) -> str:
-        """QuantizeLinear of float tensor `name` (per channel on axis 1 for [C] parameters)."""
-        params = [self.constant(f"{name}_scale", q.scale),
-                  self.constant(f"{name}_zero_point", q.zero_point)]
-        codes = self.node("QuantizeLinear", [name, *params], f"{name}_quantized",
-                          **({"axis": 1} if q.scale.ndim else {}))
-        self.codes[name] = (codes, q.scale, q.zero_point)
-        return codes
-
-    def dequantize(self, codes: str, scale: np.ndarray, zero_point: np.ndarray, base: str,
-                   axis: int = 1) -> str:
-        params = [self.constant(f"{base}_scale", scale),
-                  self.constant(f"{base}_zero_point", zero_point)]
-        return self.node("DequantizeLinear", [codes, *params], f"{base}_dequantized",
-                         **({"axis": axis} if np.ndim(scale) else {}))
-
-
-def _rewrite(model: onnx.ModelProto, plan: _Plan, qparams: dict[str, QuantParams],
-             formats: IntegerFormats, rounded: dict[str, np.ndarray]
-             ) -> tuple[onnx.ModelProto, dict[str, QuantParams], str]:
-    """The quantized model, its weights' parameters and the body of its fused BN-ReLU nodes
-    (`bnq.qops.body_for`, chosen and checked once here; bias correction changes no BN-ReLU)."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    constants = constant_values(result)
-    build = _Builder(result)
-    rename: dict[str, str] = {}  # float tensor -> its quantize-dequantized copy, for readers
-    weights: dict[str, QuantParams] = {}
-    qdq = set(plan.activations) | set(plan.aliases)
-
-    def emit_qdq(name: str) -> None:
-        q = qparams[name]
-        rename[name] = build.dequantize(build.quantize(name, q), q.scale, q.zero_point, name)
-
-    for value in graph.input:
-        if value.name in qdq:
-            emit_qdq(value.name)
-    for node in graph.node:
-        if node.domain == ops.DOMAIN and node.op_type == "BatchNormRelu":
-            _emit_batch_norm(build, node, plan, qparams, constants)
-            continue
-        source = node.input[0] if node.input else ""
-        # a per-channel BN input is computed from float tensors: onnxruntime would fuse
-        # DequantizeLinear -> op -> its per-channel QuantizeLinear into a QLinear op (such as
-        # QLinearAveragePool) that takes no per-channel scale, and refuse to load the model
-        node = _copy_renamed(node, {} if node.output[0] in plan.bn_inputs else rename)
-        if node.op_type in WEIGHTED and node.input[1] in constants:
-            weights |= _quantize_weights(build, node, constants, build.codes.get(source), formats,
-                                         rounded.get(node.input[1]))
-        build.nodes.append(node)
-        for name in node.output:
-            if name in qdq:
-                emit_qdq(name)
-
-    fused = [node for node in build.nodes if node.domain == ops.DOMAIN]
-    if not all(len(node.input) > len(INPUTS) for node in fused):
-        for node in fused:  # one body serves every node: all integer, or none
-            del node.input[len(INPUTS):]
-            kept = [a for a in node.attribute if a.name != "channels"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-    del graph.node[:]
-    graph.node.extend(_live(build.nodes, output_names(graph)))
-    graph.initializer.extend(build.initializers)
-    used = {name for node in graph.node for name in reads(node)}
-    kept = [tensor for tensor in graph.initializer if tensor.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    del graph.value_info[:]
-    body = body_for(result)
-    return ops.attach_functions(result, body), weights, body
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """The nodes whose results are still read: a float Concat whose readers now take the
-    integer Concat beside it is left with none (ONNX nodes have no side effects)."""
-    live = list(nodes)
-    while True:
-        read = {name for node in live for name in reads(node)} | outputs
-        kept = [node for node in live if any(name in read for name in node.output)]
-        if len(kept) == len(live):
-            return live
-        live = kept
-
-
-def _copy_renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    for index, name in enumerate(copy.input):
-        copy.input[index] = rename.get(name, name)
-    return copy
-
-
-def _emit_batch_norm(build: _Builder, node: onnx.NodeProto, plan: _Plan,
-                     qparams: dict[str, QuantParams], constants: dict[str, np.ndarray]) -> None:
-    """QLinearBatchNormRelu on integer codes of the input, then DequantizeLinear for readers."""
-    x = node.input[0]
-    if x in plan.concat_sources:
-        _emit_concat(build, plan.concat_sources[x], plan)
-    elif x not in build.codes:
-        build.quantize(x, qparams[x])
-    codes, x_scale, x_zero_point = build.codes[x]
-    y, q = node.output[0], qparams[node.output[0]]
-    epsilon = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"),
-                   1e-5)
-    params = (x_scale, x_zero_point, *(constants[name] for name in node.input[1:5]),
-              float(np.float32(epsilon)), q.scale, q.zero_point)
-    scale, affine = integer_output_scale(*params) or (float_output_scale(*params), None)
-    q = qparams[y] = dataclasses.replace(q, scale=np.asarray(scale, np.float32))
-    inputs = [codes, build.constant(f"{x}_scale", x_scale),
-              build.constant(f"{x}_zero_point", x_zero_point), *node.input[1:5],
-              build.constant(f"{y}_scale", q.scale), build.constant(f"{y}_zero_point", q.zero_point)]
-    rank = plan.shapes.get(x, (0, 0))[0]
-    if affine is not None and rank in (3, 4, 5):
-        kernel = affine.weight.reshape((-1,) + (1,) * (rank - 1))
-        inputs += [build.constant(f"{node.name}_{name}", value) for name, value in
-                   zip(INTEGER_INPUTS, (kernel, affine.scale, affine.bias))]
-    y_codes = build.scope.fresh(f"{y}_quantized")
-    fused = helper.make_node("QLinearBatchNormRelu", inputs, [y_codes],
-                             name=node.name, domain=ops.DOMAIN)
-    fused.attribute.extend(a for a in node.attribute if a.name == "epsilon")
-    if len(inputs) > len(INPUTS):
-        fused.attribute.append(helper.make_attribute("channels", len(affine.scale)))
-    build.nodes.append(fused)
-    build.codes[y] = (y_codes, q.scale, q.zero_point)
-    build.nodes.append(helper.make_node(
-        "DequantizeLinear", [y_codes, build.constant(f"{y}_scale", q.scale),
-                             build.constant(f"{y}_zero_point", q.zero_point)], [y],
-        name=build.scope.fresh(f"{y}_DequantizeLinear")))
-
-
-def _emit_concat(build: _Builder, concat: onnx.NodeProto, plan: _Plan) -> None:
-    """Concatenate the integer codes of `concat`'s inputs, each branch keeping its own scale and
-    zero point, repeated over its channels."""
-    if concat.output[0] in build.codes:
-        return
-    names, scales, zero_points = [], [], []
-    for name in concat.input:
-        if name not in build.codes:
-            _emit_concat(build, plan.producers[name], plan)
-        codes, scale, zero_point = build.codes[name]
-        channels = plan.shapes[name][1]
-        names.append(codes)
-        scales.append(np.broadcast_to(scale, (channels,)))
-        zero_points.append(np.broadcast_to(zero_point, (channels,)))
-    codes = build.node("Concat", names, f"{concat.output[0]}_quantized", axis=1)
-    build.codes[concat.output[0]] = (codes, np.concatenate(scales), np.concatenate(zero_points))
-
-
-def _quantize_weights(build: _Builder, node: onnx.NodeProto, constants: dict[str, np.ndarray],
-                      source: tuple[str, np.ndarray, np.ndarray] | None,
-                      formats: IntegerFormats, rounded: np.ndarray | None) -> dict[str, QuantParams]:
-    """Replace the node's weight, and its bias when the input is quantized, by DequantizeLinear
-    of integer initializers: int8 per output channel (the `rounded` codes, else the nearest),
-    int32 bias at x_scale * w_scale."""
-    weight_name = node.input[1]
-    weight = constants[weight_name]
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    axis = weight_axis(node, weight.ndim)
-    q = weight_qparams(weight, axis=axis, dtype=np.dtype(formats.weight),
-                       reduce_range=formats.reduce_range)
-    codes = build.constant(f"{weight_name}_quantized",
-                           quantize(weight, q, axis=axis) if rounded is None else rounded)
-    node.input[1] = build.dequantize(codes, q.scale, q.zero_point, weight_name, axis=axis)
-    has_bias = len(node.input) > 2 and node.input[2] in constants
-    plain_gemm = node.op_type != "Gemm" or (attributes.get("alpha", 1.0) == 1.0
-                                             and attributes.get("beta", 1.0) == 1.0)
-    if source is not None and has_bias and source[1].ndim == 0 and plain_gemm:
-        bias = constants[node.input[2]]
-        if bias.shape == q.scale.shape:
-            scale = (source[1] * q.scale).astype(np.float32)
-            info = np.iinfo(np.int32)
-            bias_codes = np.clip(np.rint(bias / scale), info.min, info.max).astype(np.int32)
-            name = build.constant(f"{node.input[2]}_quantized", bias_codes)
-            node.input[2] = build.dequantize(name, scale, np.zeros(scale.shape, np.int32),
-                                             node.input[2], axis=0)
-    return {weight_name: q}
 
 
 def _describe(name: str, role: str, observer: str, q: QuantParams) -> QuantizedTensor:

@@ -180,7 +180,7 @@ def test_output_scale_is_nudged_where_the_float_body_needs_it(tmp_path, monkeypa
     inexact (its mul-then-add rounds unlike PyTorch's FMA on some codes), with no integer body
     (as for parameters that have none): calibrate moves the scale by a few float32 ulps, and
     the model gets the float body, exact on every code."""
-    monkeypatch.setattr(import_module("bnq.calibrate"), "integer_output_scale",
+    monkeypatch.setattr(import_module("bnq.emit"), "integer_output_scale",
                         lambda *params: None)
     rng = np.random.default_rng(58)  # found by search: 1 of 60 seeds needs the nudge
     params = bn_params(rng, 64, "bn")
