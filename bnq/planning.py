@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from bnq import ops
-from bnq.graph import constant_values, consumers, output_names, producers
+from bnq.graph import constant_values, consumers, output_names, producers, shape_sketch
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 # Ops whose integer kernels in onnxruntime beat float: their activation inputs and outputs are
@@ -146,7 +146,7 @@ def _activation_bounds(node: onnx.NodeProto, constants: dict[str, np.ndarray]
 
 def _channel_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """Tensor name -> (rank, channels) where shape inference knows both."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(shape_sketch(model))
     counts = {}
     graph = inferred.graph
     for value in [*graph.input, *graph.value_info, *graph.output]:
