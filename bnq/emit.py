@@ -66,10 +66,10 @@ class _Builder:
 
 
 def quantized_model(model: onnx.ModelProto, plan: Plan, qparams: dict[str, QuantParams],
-             formats: IntegerFormats, rounded: dict[str, np.ndarray]
-             ) -> tuple[onnx.ModelProto, dict[str, QuantParams], str]:
+                    formats: IntegerFormats, rounded: dict[str, np.ndarray]
+                    ) -> tuple[onnx.ModelProto, dict[str, QuantParams], str]:
     """The quantized model, its weights' parameters and the body of its fused BN-ReLU nodes
-    (`bnq.qops.body_for`, chosen and checked once here; bias correction changes no BN-ReLU)."""
+    (`bnq.qops.BODIES`; bias correction, after, changes no BN-ReLU)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
@@ -104,7 +104,8 @@ def quantized_model(model: onnx.ModelProto, plan: Plan, qparams: dict[str, Quant
                 emit_qdq(name)
 
     fused = [node for node in build.nodes if node.domain == ops.DOMAIN]
-    if not all(len(node.input) > len(INPUTS) for node in fused):
+    integer = bool(fused) and all(len(node.input) > len(INPUTS) for node in fused)
+    if not integer:
         for node in fused:  # one body serves every node: all integer, or none
             del node.input[len(INPUTS):]
             kept = [a for a in node.attribute if a.name != "channels"]
@@ -118,7 +119,9 @@ def quantized_model(model: onnx.ModelProto, plan: Plan, qparams: dict[str, Quant
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]
-    body = body_for(result)
+    # each node's integer parameters were checked on every input code as they were found
+    # (`bnq.integer.integer_affine`), so only a model without them needs body_for's checks
+    body = "integer" if integer else body_for(result)
     return ops.attach_functions(result, body), weights, body
 
 
