@@ -4,11 +4,12 @@ local Dask clusters of 2 workers of one thread: as Dask starts them, without the
 Dask's nanny gives its workers, and with workers that cannot read the data (streamed to them).
 
     python benchmarks/observation_scaling.py MODELS_DIR [--model densenet121] [--repeats 3]
-                                                       [--tile 8]
+                                                       [--tile 8] [--batch-size 32]
 
 The job observes every tensor `bnq calibrate` observes (min/max) over calib.npz repeated `--tile`
 times (64 x 8 = 512 samples: enough work that starting the workers, about a second each to load
-the model, does not dominate), in batches of 8. The single-thread worker is this process pinned
+the model, does not dominate), in batches of `--batch-size` (bnq's default, 32: a unit of work,
+16 per run; 8 spreads 64 smaller units). The single-thread worker is this process pinned
 to one core. Configurations run interleaved, round by round; medians. Needs `distributed`
 (installed when missing).
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default="densenet121")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tile", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     if importlib.util.find_spec("distributed") is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "distributed"],
@@ -70,9 +72,9 @@ def main() -> None:
               functools.partial(_Observation, per_channel, {n: n for n in names}, "minmax", {}))
     cores = sorted(os.sched_getaffinity(0))
     machine = describe()
-    print(f"# {args.model}, {data.num_samples} samples, batches of 8, {machine.cpu} "
-          f"({', '.join(machine.features)}), {len(cores)} cores; medians of {args.repeats} "
-          "interleaved rounds")
+    print(f"# {args.model}, {data.num_samples} samples, batches of {args.batch_size}, "
+          f"{machine.cpu} ({', '.join(machine.features)}), {len(cores)} cores; medians of "
+          f"{args.repeats} interleaved rounds")
     untrimmed = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
     # each cluster is started for its own turn only: the idle workers of clusters kept up took
     # 5-20% from the other configurations on 2 cores
@@ -93,7 +95,7 @@ def main() -> None:
                                                                 *clusters[name]))
                     options = {"scheduler": cluster.scheduler_address}
                 start = time.perf_counter()
-                result = run(job, data, batch_size=8, **options)
+                result = run(job, data, batch_size=args.batch_size, **options)
                 times[name].append(time.perf_counter() - start)
             assert result.samples == data.num_samples
             assert (result.plan.data == "streamed") == name.endswith("streamed")
