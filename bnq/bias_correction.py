@@ -61,6 +61,7 @@ from onnx import helper, numpy_helper
 from bnq.choice import in_fold
 from bnq.execution import Job, RunResult
 from bnq.graph import NameScope, check, concrete_shapes, constant_values, producers
+from bnq.quantization import dequantize_linear
 
 _GRID_BITS = 24  # units per quantization step of the layer's input: 2**24 or more
 _LIMIT = float(1 << 40)  # per-sample |value| in units: 2**16 steps at least; sums fit 2**23 samples
@@ -319,10 +320,7 @@ def _layers(quantized: onnx.ModelProto, reference: _Reference) -> list[_Layer]:
         w_codes, w_scale, w_zero_point = (constants[name] for name in w_dq.input[:3])
         w_axis = next((helper.get_attribute_value(a) for a in w_dq.attribute
                        if a.name == "axis"), 1)
-        shape = [1] * w_codes.ndim
-        shape[w_axis] = -1
-        weight = ((w_codes.astype(np.float32) - w_zero_point.reshape(shape).astype(np.float32))
-                  * w_scale.reshape(shape)).astype(np.float32)
+        weight = dequantize_linear(w_codes, w_scale, w_zero_point, w_axis)
         bias_scale = (constants[b_dq.input[1]] if b_dq is not None else np.broadcast_to(
             x_scale * w_scale, w_codes.shape[w_axis:w_axis + 1]).astype(np.float32))
         if node.op_type == "Conv":

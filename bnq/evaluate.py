@@ -43,6 +43,7 @@ from bnq.graph import constant_values, producers, quantized_nodes
 from bnq.kernels import BnReluPlan
 from bnq.metrics import ClassAgreement, ErrorSums, Histogram
 from bnq.qops import any_rank, node_plan
+from bnq.quantization import dequantize_linear
 from bnq.runtime import BACKENDS
 
 BACKEND_CHOICES = (*BACKENDS, "both")
@@ -105,12 +106,7 @@ class QuantizedTensor:
     axis: int
 
     def dequantize(self, codes: np.ndarray) -> np.ndarray:
-        """DequantizeLinear's float32 arithmetic: (codes - zero_point) * scale."""
-        shape = [1] * codes.ndim
-        if self.scale.size > 1:
-            shape[self.axis % codes.ndim] = -1
-        return ((codes.astype(np.float32) - self.zero_point.astype(np.float32).reshape(shape))
-                * self.scale.reshape(shape))
+        return dequantize_linear(codes, self.scale, self.zero_point, self.axis)
 
     def calibrated_range(self) -> tuple[float, float]:
         info = np.iinfo(self.zero_point.dtype)

@@ -376,7 +376,6 @@ class EntropyObserver(_ThresholdObserver):
         kl = np.empty((rows, candidates.size))
         top = int(codes.max())
         g = np.arange(top + 1)
-        r = np.arange(rows)[:, None]
         chunk = max(1, _CHUNK // (rows * (top + 1)))  # bounds the (rows, chunk, levels) arrays
         for k in range(0, candidates.size, chunk):
             i = candidates[k:k + chunk]

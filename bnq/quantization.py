@@ -109,7 +109,7 @@ def quantize(x: np.ndarray, qparams: QuantParams, axis: int = 1) -> np.ndarray:
     ``axis`` is the channel axis of per-channel parameters (ignored for per-tensor ones).
     """
     x = np.asarray(x, dtype=np.float32)
-    scale, zero_point = _broadcast(qparams, x.ndim, axis)
+    scale, zero_point = _along(axis, x.ndim, qparams.scale, qparams.zero_point)
     info = np.iinfo(qparams.dtype)
     q = np.asarray(np.rint(x / scale))
     q += zero_point.astype(np.float32)
@@ -119,19 +119,28 @@ def quantize(x: np.ndarray, qparams: QuantParams, axis: int = 1) -> np.ndarray:
 
 def dequantize(q: np.ndarray, qparams: QuantParams, axis: int = 1) -> np.ndarray:
     """ONNX DequantizeLinear: (q - zero_point) * scale in float32."""
-    q = np.asarray(q)
-    scale, zero_point = _broadcast(qparams, q.ndim, axis)
-    return (q.astype(np.int32) - zero_point.astype(np.int32)).astype(np.float32) * scale
+    return dequantize_linear(q, qparams.scale, qparams.zero_point, axis)
 
 
-def _broadcast(qparams: QuantParams, ndim: int, axis: int):
-    if qparams.scale.ndim == 0:
-        return qparams.scale, qparams.zero_point
+def dequantize_linear(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                      axis: int = 1) -> np.ndarray:
+    """ONNX DequantizeLinear of `codes` with a scale and zero point per tensor (0-d) or along
+    `axis` (1-d): (codes - zero_point) * scale in float32."""
+    codes = np.asarray(codes)
+    scale, zero_point = _along(axis, codes.ndim, scale, zero_point)
+    return (codes.astype(np.int32) - zero_point.astype(np.int32)).astype(np.float32) * scale
+
+
+def _along(axis: int, ndim: int, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Per-tensor (0-d) `arrays` as they are; 1-d ones shaped to broadcast along `axis` of a
+    tensor of rank `ndim`."""
+    if all(array.ndim == 0 for array in arrays):
+        return list(arrays)
     if not -ndim <= axis < ndim:
         raise ArgumentError(f"axis {axis} is out of range for a tensor of rank {ndim}")
     shape = [1] * ndim
     shape[axis] = -1
-    return qparams.scale.reshape(shape), qparams.zero_point.reshape(shape)
+    return [array.reshape(shape) for array in arrays]
 
 
 def _check_dtype(dtype) -> np.dtype:
