@@ -7,11 +7,13 @@ Dask's nanny gives its workers, and with workers that cannot read the data (stre
                                                        [--tile 8] [--batch-size 32]
 
 The job observes every tensor `bnq calibrate` observes (min/max) over calib.npz repeated `--tile`
-times (64 x 8 = 512 samples: enough work that starting the workers, about a second each to load
-the model, does not dominate), in batches of `--batch-size` (bnq's default, 32: a unit of work,
-16 per run; 8 spreads 64 smaller units). The single-thread worker is this process pinned
-to one core. Configurations run interleaved, round by round; medians. Needs `distributed`
-(installed when missing).
+times (64 x 8 = 512 samples), in batches of `--batch-size` (bnq's default, 32: a unit of work,
+16 per run; 8 spreads 64 smaller units). Each configuration also runs on the first quarter of
+those samples: the whole run's rate counts starting the workers (about a second each to load
+the model) and sending them the job; the steady rate, the extra samples of the long run over
+its extra time, does not. The single-thread worker is this process pinned to one core.
+Configurations run interleaved, round by round; medians. Needs `distributed` (installed when
+missing).
 
 Dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536 (its config
 `distributed.nanny.pre-spawn-environ`, to hand freed memory back to the system at once), which
@@ -48,6 +50,7 @@ def main() -> None:
                        check=True)
     import dask
     import distributed
+    import numpy as np
 
     from bnq.calibrate import _Observation, prepare
     from bnq.data import SampleData, model_inputs
@@ -56,14 +59,15 @@ def main() -> None:
     from bnq.machine import describe
     from bnq.planning import plan_quantization
 
-    import numpy as np
-
     model = load_model(args.models_dir / f"{args.model}.onnx")
     scratch = tempfile.mkdtemp()
     with np.load(args.models_dir / "calib.npz") as calib:
-        np.save(Path(scratch) / "samples.npy", np.tile(calib["input"], (args.tile, 1, 1, 1)))
+        samples = np.tile(calib["input"], (args.tile, 1, 1, 1))
+    lengths = {"short": len(samples) // 4, "long": len(samples)}
+    for name, length in lengths.items():
+        np.save(Path(scratch) / f"{name}.npy", samples[:length])
     os.chdir(scratch)  # a relative path, which workers moved elsewhere cannot read
-    data = SampleData("samples.npy", model_inputs(model))
+    datas = {name: SampleData(f"{name}.npy", model_inputs(model)) for name in lengths}
     fused = prepare(model)[0]
     plan = plan_quantization(fused)
     names = plan.activations + [node.output[0] for node in plan.batch_norms] + plan.bn_inputs
@@ -72,7 +76,8 @@ def main() -> None:
               functools.partial(_Observation, per_channel, {n: n for n in names}, "minmax", {}))
     cores = sorted(os.sched_getaffinity(0))
     machine = describe()
-    print(f"# {args.model}, {data.num_samples} samples, batches of {args.batch_size}, "
+    print(f"# {args.model}, {lengths['long']} samples (and {lengths['short']}), batches of "
+          f"{args.batch_size}, "
           f"{machine.cpu} ({', '.join(machine.features)}), {len(cores)} cores; medians of "
           f"{args.repeats} interleaved rounds")
     untrimmed = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
@@ -85,27 +90,39 @@ def main() -> None:
                 for n in range(2, len(cores) + 1)}
     configs |= {name: ({}, 2, False) for name in clusters}
     configs[f"1 worker x {len(cores)} threads"] = ({"workers": 1}, 1, False)
-    times: dict[str, list[float]] = {name: [] for name in configs}
+    times = {(name, length): [] for name in configs for length in lengths}
     for _ in range(args.repeats):
         for name, (options, _, pinned) in configs.items():
-            os.sched_setaffinity(0, cores[:1] if pinned else cores)
-            with contextlib.ExitStack() as stack:
-                if name in clusters:
-                    cluster = stack.enter_context(local_cluster(distributed, dask,
-                                                                *clusters[name]))
-                    options = {"scheduler": cluster.scheduler_address}
-                start = time.perf_counter()
-                result = run(job, data, batch_size=args.batch_size, **options)
-                times[name].append(time.perf_counter() - start)
-            assert result.samples == data.num_samples
-            assert (result.plan.data == "streamed") == name.endswith("streamed")
-            print(f"  {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+            for length, data in datas.items():
+                os.sched_setaffinity(0, cores[:1] if pinned else cores)
+                with contextlib.ExitStack() as stack:
+                    if name in clusters:
+                        cluster = stack.enter_context(local_cluster(distributed, dask,
+                                                                    *clusters[name]))
+                        options = {"scheduler": cluster.scheduler_address}
+                    start = time.perf_counter()
+                    result = run(job, data, batch_size=args.batch_size, **options)
+                    times[name, length].append(time.perf_counter() - start)
+                assert result.samples == data.num_samples
+                assert (result.plan.data == "streamed") == name.endswith("streamed")
+                print(f"  {name}, {data.num_samples} samples: {times[name, length][-1]:.2f} s",
+                      file=sys.stderr, flush=True)
     os.sched_setaffinity(0, cores)
-    unit = data.num_samples / statistics.median(times["1 worker x 1 thread"])
-    print(f"{'configuration':24} {'samples/s':>9} {'x 1x1':>6} {'/ N':>5}")
+
+    def rates(name: str) -> tuple[float, float]:
+        """Samples/s: the long run's, and the steady rate (the long run's extra samples over its
+        extra time)."""
+        short, long = (statistics.median(times[name, length]) for length in lengths)
+        extra = lengths["long"] - lengths["short"]
+        return lengths["long"] / long, extra / (long - short)
+
+    single = rates("1 worker x 1 thread")
+    print(f"{'':24} {'whole run':^22}  {'steady':^22}")
+    print(f"{'configuration':24} " + "  ".join([f"{'samples/s':>9} {'x 1x1':>6} {'/ N':>5}"] * 2))
     for name, (_, workers, _) in configs.items():
-        rate = data.num_samples / statistics.median(times[name])
-        print(f"{name:24} {rate:9.2f} {rate / unit:6.2f} {rate / unit / workers:5.2f}")
+        columns = [f"{rate:9.2f} {rate / unit:6.2f} {rate / unit / workers:5.2f}"
+                   for rate, unit in zip(rates(name), single)]
+        print(f"{name:24} " + "  ".join(columns))
 
 
 @contextlib.contextmanager
