@@ -39,8 +39,9 @@ import onnx
 from bnq.errors import DataError, ModelError, one_line
 from bnq.graph import constant_values, numpy_dtype
 from bnq.images import Preprocessing, check_image, holds_images, image_files, load_image, plan
-from bnq.io import GRAPH_KEY, read_npy_header, regular_file
+from bnq.io import regular_file
 from bnq.limits import check_size
+from bnq.npz import GRAPH_KEY, read_npy_header
 
 DATA_SUFFIXES = (".npz", ".npy")
 MAX_SAMPLE_BYTES = 1 << 30  # one sample larger than this is a mistake, not a tensor to read

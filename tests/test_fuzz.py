@@ -43,7 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnq import BnqError, fuse, load_model, save_model
 from bnq.cli import cli
-from bnq.io import to_npz_arrays
+from bnq.npz import to_npz_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("BNQ_FUZZ_EXAMPLES", "40"))

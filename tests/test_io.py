@@ -13,7 +13,7 @@ from graphs import make_model, random_feeds, run_ort
 from onnx import helper
 
 from bnq import BnqError, ModelError, fuse, load_model, save_model
-from bnq.io import GRAPH_KEY, to_npz_arrays
+from bnq.npz import GRAPH_KEY, to_npz_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [ROOT / "samples" / "digits_cnn.onnx", *sorted((ROOT / "tests" / "models").glob("*.onnx"))]
