@@ -128,6 +128,11 @@ MUTANTS = [
     Mutant("quantization-round-half-up", "bnq/quantization.py",
            "q = np.asarray(np.rint(x / scale))", "q = np.asarray(np.floor(x / scale + 0.5))",
            ("tests/test_observers.py",), "QuantizeLinear rounds ties up, not to even"),
+    Mutant("quantization-dequantize-last-axis", "bnq/quantization.py",
+           "    shape[axis] = -1\n    return [array.reshape(shape) for array in arrays]",
+           "    shape[-1] = -1\n    return [array.reshape(shape) for array in arrays]",
+           ("tests/test_evaluate.py", "tests/test_bias_correction.py"),
+           "per-channel codes dequantized along the last axis, not the channel axis"),
     # calibrate
     Mutant("calibrate-bn-input-per-tensor", "bnq/calibrate.py",
            "{name: True for name in plan.bn_inputs}", "{name: False for name in plan.bn_inputs}",
