@@ -41,7 +41,7 @@ from bnq.errors import ArgumentError, DataError
 from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
 from bnq.graph import constant_values, producers, quantized_nodes
 from bnq.kernels import BnReluPlan
-from bnq.metrics import ClassAgreement, ErrorSums, Histogram
+from bnq.metrics import ClassAgreement, ErrorSums, Histogram, NoiseSums
 from bnq.qops import any_rank, node_plan
 from bnq.quantization import dequantize_linear
 from bnq.runtime import BACKENDS
@@ -186,12 +186,11 @@ class _Layer:
         self.quantized, self.position = quantized, position
         self.range = quantized.calibrated_range()
         margin = 0.25 * (self.range[1] - self.range[0]) or 1.0
-        self.errors = ErrorSums()
+        self.errors = NoiseSums()
         self.histogram = Histogram(self.range[0] - margin, self.range[1] + margin, *self.range)
 
     def update(self, reference: np.ndarray, codes: np.ndarray) -> None:
-        self.errors.update(reference, self.quantized.dequantize(codes))
-        self.histogram.update(reference)
+        self.errors.update(reference, self.quantized.dequantize(codes), self.histogram)
 
     def merge(self, other: _Layer) -> None:
         self.errors.merge(other.errors)

@@ -99,54 +99,81 @@ def _chunks(*arrays: np.ndarray):
 
 
 @dataclass
-class ErrorSums:
-    """Sums for SQNR, cosine, absolute errors and the IoU of maps thresholded at 0.5."""
+class NoiseSums:
+    """Sums for SQNR and the mean absolute error: what a quantized tensor inside the model needs."""
 
     signal: ExactSum = field(default_factory=ExactSum)   # sum y^2
     noise: ExactSum = field(default_factory=ExactSum)    # sum (y - y_q)^2
-    cross: ExactSum = field(default_factory=ExactSum)    # sum y y_q
-    power: ExactSum = field(default_factory=ExactSum)    # sum y_q^2
     abs_sum: ExactSum = field(default_factory=ExactSum)
-    abs_max: float = 0.0
     count: int = 0
-    low: float = math.inf      # smallest value of y or y_q
-    high: float = -math.inf    # largest value of y or y_q
-    intersection: int = 0      # y > 0.5 and y_q > 0.5
-    union: int = 0             # y > 0.5 or y_q > 0.5
 
-    def update(self, reference: np.ndarray, actual: np.ndarray) -> None:
+    def update(self, reference: np.ndarray, actual: np.ndarray,
+               histogram: Histogram | None = None) -> None:
+        """Add a batch; with `histogram`, count the reference's values into it too (from the same
+        float64 chunks)."""
         for reference_part, actual_part in _sample_chunks(reference, actual):
-            self._add(reference_part, actual_part)
+            self.add(reference_part, actual_part)
+            if histogram is not None:
+                histogram.add(reference_part.reshape(-1))
 
-    def _add(self, reference: np.ndarray, actual: np.ndarray) -> None:
+    def add(self, reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+        """Add float64 rows of one sample each (or of a piece of one); returns |y - y_q|."""
         error = reference - actual
         self.signal.add(_per_sample(reference * reference))
         self.noise.add(_per_sample(error * error))
-        self.cross.add(_per_sample(reference * actual))
-        self.power.add(_per_sample(actual * actual))
         np.abs(error, out=error)
         self.abs_sum.add(_per_sample(error))
-        self.abs_max = max(self.abs_max, float(error.max()))
         self.count += reference.size
-        self.low = min(self.low, float(reference.min()), float(actual.min()))
-        self.high = max(self.high, float(reference.max()), float(actual.max()))
-        above, above_q = reference > 0.5, actual > 0.5
-        self.intersection += int(np.count_nonzero(above & above_q))
-        self.union += int(np.count_nonzero(above | above_q))
+        return error
 
-    def merge(self, other: ErrorSums) -> None:
-        for name in ("signal", "noise", "cross", "power", "abs_sum"):
+    def merge(self, other: NoiseSums) -> None:
+        for name in ("signal", "noise", "abs_sum"):
             getattr(self, name).merge(getattr(other, name))
-        for name in ("count", "intersection", "union"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.abs_max = max(self.abs_max, other.abs_max)
-        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
+        self.count += other.count
 
     def sqnr_db(self) -> float:
         signal, noise = self.signal.value(), self.noise.value()
         if noise == 0:
             return math.inf
         return 10 * math.log10(signal / noise) if signal else -math.inf
+
+    def mean_abs_error(self) -> float:
+        return self.abs_sum.value() / self.count if self.count else 0.0
+
+
+@dataclass
+class ErrorSums(NoiseSums):
+    """Sums for SQNR, cosine, absolute errors and the IoU of maps thresholded at 0.5: what a
+    model's output needs."""
+
+    cross: ExactSum = field(default_factory=ExactSum)    # sum y y_q
+    power: ExactSum = field(default_factory=ExactSum)    # sum y_q^2
+    abs_max: float = 0.0
+    low: float = math.inf      # smallest value of y or y_q
+    high: float = -math.inf    # largest value of y or y_q
+    intersection: int = 0      # y > 0.5 and y_q > 0.5
+    union: int = 0             # y > 0.5 or y_q > 0.5
+
+    def add(self, reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+        error = super().add(reference, actual)
+        self.cross.add(_per_sample(reference * actual))
+        self.power.add(_per_sample(actual * actual))
+        self.abs_max = max(self.abs_max, float(error.max()))
+        self.low = min(self.low, float(reference.min()), float(actual.min()))
+        self.high = max(self.high, float(reference.max()), float(actual.max()))
+        above, above_q = reference > 0.5, actual > 0.5
+        self.intersection += int(np.count_nonzero(above & above_q))
+        self.union += int(np.count_nonzero(above | above_q))
+        return error
+
+    def merge(self, other: ErrorSums) -> None:
+        super().merge(other)
+        for name in ("cross", "power"):
+            getattr(self, name).merge(getattr(other, name))
+        for name in ("intersection", "union"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.abs_max = max(self.abs_max, other.abs_max)
+        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
 
     def cosine(self) -> float:
         """1 for outputs that are both all zeros; 0 when only one of them is (no direction)."""
@@ -155,9 +182,6 @@ class ErrorSums:
         if denominator:
             return self.cross.value() / denominator
         return 1.0 if signal == power == 0 else 0.0
-
-    def mean_abs_error(self) -> float:
-        return self.abs_sum.value() / self.count if self.count else 0.0
 
     def iou(self) -> float | None:
         """The IoU at 0.5, for maps whose values all lie in [0, 1]; None for anything else."""
@@ -235,18 +259,21 @@ class Histogram:
     outside: int = 0
 
     def update(self, values: np.ndarray) -> None:
-        bins = len(self.counts)
-        step = bins / (self.stop - self.start)
         for (part,) in _chunks(values):
-            self.outside += int(np.count_nonzero((part < self.low) | (part > self.high)))
-            part -= self.start
-            part *= step
-            np.floor(part, out=part)
-            np.clip(part, -1, bins, out=part)  # -1: below, bins: above
-            counts = np.bincount(part.astype(np.int64) + 1, minlength=bins + 2)
-            self.below += int(counts[0])
-            self.above += int(counts[-1])
-            self.counts += counts[1:-1]
+            self.add(part)
+
+    def add(self, part: np.ndarray) -> None:
+        """Count a float64 vector, which is overwritten."""
+        bins = len(self.counts)
+        self.outside += int(np.count_nonzero((part < self.low) | (part > self.high)))
+        part -= self.start
+        part *= bins / (self.stop - self.start)
+        np.floor(part, out=part)
+        np.clip(part, -1, bins, out=part)  # -1: below, bins: above
+        counts = np.bincount(part.astype(np.int64) + 1, minlength=bins + 2)
+        self.below += int(counts[0])
+        self.above += int(counts[-1])
+        self.counts += counts[1:-1]
 
     def merge(self, other: Histogram) -> None:
         self.counts += other.counts

@@ -14,7 +14,7 @@ from bnq.calibrate import calibrate
 from bnq.data import SampleData, model_inputs
 from bnq.evaluate import evaluate
 from bnq.machine import IntegerFormats
-from bnq.metrics import ClassAgreement, ErrorSums, Histogram
+from bnq.metrics import ClassAgreement, ErrorSums, Histogram, NoiseSums
 
 
 def test_error_sums_known_values():
@@ -82,6 +82,26 @@ def test_accumulators_merge_like_one_pass():
     counts, _ = np.histogram(reference, bins=64, range=(-3, 3))
     assert np.array_equal(whole[2].counts, counts)
     assert whole[2].below + whole[2].above + counts.sum() == reference.size
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4), (2, 3, 200, 200)])  # samples under and over CHUNK
+def test_layer_sums_with_their_histogram_match_the_separate_accumulators(shape):
+    rng = np.random.default_rng(3)
+    reference = rng.normal(0, 2, shape).astype(np.float32)
+    actual = reference + rng.normal(0, 0.1, shape).astype(np.float32)
+    together, histogram = NoiseSums(), Histogram(-4, 4, -3, 3)
+    together.update(reference, actual, histogram)
+    errors, alone = ErrorSums(), Histogram(-4, 4, -3, 3)
+    errors.update(reference, actual)
+    alone.update(reference)
+    sums = ("signal", "noise", "abs_sum")
+    assert [getattr(together, name).total for name in sums] == [
+        getattr(errors, name).total for name in sums]
+    assert together.count == errors.count and together.sqnr_db() == errors.sqnr_db()
+    assert np.array_equal(histogram.counts, alone.counts)
+    assert (histogram.below, histogram.above, histogram.outside) == (
+        alone.below, alone.above, alone.outside)
+    assert histogram.below and histogram.above and histogram.outside
 
 
 def _probability_map_model():
