@@ -38,9 +38,10 @@ import onnx
 from bnq import ops
 from bnq.data import SampleData
 from bnq.errors import ArgumentError, DataError
-from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run
+from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run, worker_threads
 from bnq.graph import constant_values, producers, quantized_nodes
 from bnq.kernels import BnReluPlan
+from bnq.machine import thread_pool
 from bnq.metrics import ClassAgreement, ErrorSums, Histogram, NoiseSums
 from bnq.qops import any_rank, node_plan
 from bnq.quantization import dequantize_linear
@@ -243,7 +244,8 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
     groups += [((() if q.tensor in inputs else (q.tensor,)), (q.codes,)) for q in tensors]
     groups += [((), (node.input[0], node.output[0])) for node in fused]
     metrics = _MetricsFactory(outputs, tensors, fused, quantized if fused else None,
-                              labels if labelled else None, str(data.path))
+                              labels if labelled else None, str(data.path),
+                              worker_threads(workers, scheduler))
     job = Job((reference, quantized),
               ("onnxruntime", "onnxruntime" if backend == "both" else backend),
               tuple(groups), metrics, (labels,) if labelled else ())
@@ -269,13 +271,15 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
 
 
 class _MetricsFactory:
-    """Makes the `_Metrics` of each unit of work; builds the numpy kernels once per process."""
+    """Makes the `_Metrics` of each unit of work; builds the numpy kernels once per process.
+    `threads`: how many of `machine.thread_pool`'s threads the tensors' sums may take (those
+    onnxruntime got in the worker, idle while the sums are taken)."""
 
     def __init__(self, outputs: tuple[str, ...], tensors: tuple[QuantizedTensor, ...],
                  fused: tuple[onnx.NodeProto, ...], quantized: onnx.ModelProto | None,
-                 labels: str | None, where: str) -> None:
+                 labels: str | None, where: str, threads: int) -> None:
         self.outputs, self.tensors, self.fused, self.quantized = outputs, tensors, fused, quantized
-        self.labels, self.where = labels, where
+        self.labels, self.where, self.threads = labels, where, threads
         self._kernels: list[BnReluPlan] | None = None
 
     def __getstate__(self) -> dict:
@@ -307,13 +311,18 @@ class _Metrics:
         """Groups: 0 the outputs, then one per layer, then one per fused node (`evaluate`)."""
         expected, actual = {**batch, **fetched[0]}, fetched[1]
         layers = len(self.layers)
+        # each layer's sums on one thread, the layers spread over the threads: the same bits
+        threads = self.spec.threads
+        mine = [self.layers[group - 1] for group in groups if 0 < group <= layers]
+        running = [thread_pool().submit(_update_layers, mine[i::threads], expected, actual)
+                   for i in range(1, min(threads, len(mine)))]
+        _update_layers(mine[::threads], expected, actual)
+        for share in running:
+            share.result()
         for group in groups:
             if group == 0:
                 self._update_outputs(batch, expected, actual)
-            elif group <= layers:
-                layer = self.layers[group - 1]
-                layer.update(expected[layer.quantized.tensor], actual[layer.quantized.codes])
-            else:
+            elif group > layers:
                 index = group - 1 - layers
                 node = self.spec.fused[index]
                 diff = np.abs(any_rank(self.kernels[index], actual[node.input[0]]).astype(np.int32)
@@ -347,6 +356,12 @@ class _Metrics:
             mine.merge(theirs)
         self.lsb = [max(a, b) for a, b in zip(self.lsb, other.lsb)]
         self.samples += other.samples
+
+
+def _update_layers(layers: list[_Layer], expected: dict[str, np.ndarray],
+                   actual: dict[str, np.ndarray]) -> None:
+    for layer in layers:
+        layer.update(expected[layer.quantized.tensor], actual[layer.quantized.codes])
 
 
 def _labels(truth: np.ndarray, count: int, where: str, key: str) -> np.ndarray:

@@ -131,8 +131,8 @@ def run(job: Job, data: SampleData, *, batch_size: int = 32, num_samples: int | 
         raise ArgumentError(f"the memory limit must be positive, got {memory_limit}")
     total = min(num_samples or data.num_samples, data.num_samples)
     micro_batch, passes, estimate = plan_passes(job, data, batch_size, memory_limit)
-    threads = 1 if scheduler else max(1, len(os.sched_getaffinity(0)) // workers)
-    shard = _Shard(job, data, tuple(passes), micro_batch, threads, batch_size)
+    shard = _Shard(job, data, tuple(passes), micro_batch, worker_threads(workers, scheduler),
+                   batch_size)
     bounds = data.batch_bounds(batch_size, num_samples)
     units = [(p, first, count) for p in range(len(passes)) for first, count in bounds]
     advance = (lambda n: progress(n / len(passes))) if progress else (lambda n: None)
@@ -148,6 +148,12 @@ def run(job: Job, data: SampleData, *, batch_size: int = 32, num_samples: int | 
         _run_in_workers(shard, units, workers, advance, result.merge)
     plan = ExecutionPlan(memory_limit, estimate, micro_batch, len(passes), source)
     return RunResult(result, total, len(bounds), plan)
+
+
+def worker_threads(workers: int, scheduler: str | None = None) -> int:
+    """The threads of each worker process: the cores shared among the local workers; one on a
+    cluster, whose workers are started one per core."""
+    return 1 if scheduler else max(1, len(os.sched_getaffinity(0)) // workers)
 
 
 def plan_passes(job: Job, data: SampleData, batch_size: int,

@@ -44,13 +44,12 @@ GIL inside each pass (measured 1.06-1.23x on 2 cores: the passes are bound by me
 from __future__ import annotations
 
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from bnq.errors import ArgumentError
 from bnq.fastpath import FastPath
+from bnq.machine import thread_pool
 
 _RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 _RANK_NAMES = {3: "1d", 4: "2d", 5: "3d"}
@@ -252,14 +251,10 @@ class BnReluPlan:
             if parts > 1:
                 bounds = np.linspace(0, c, parts + 1).astype(int)
                 ranges = [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-                list(_pool().map(lambda r: fast.apply(xb, ob, r), ranges))
+                list(thread_pool().map(lambda r: fast.apply(xb, ob, r), ranges))
             else:
                 fast.apply(xb, ob)
         return out
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bnq")
 
 
 def quantized_batch_norm_relu(x, x_scale, x_zero_point, weight, bias, running_mean, running_var,

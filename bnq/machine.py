@@ -1,10 +1,11 @@
-"""What bnq runs on: CPU model and features, cores, library versions; and the integer formats
-that suit this CPU."""
+"""What bnq runs on: CPU model and features, cores, library versions; the integer formats
+that suit this CPU; and the threads bnq's own NumPy work runs on."""
 
 from __future__ import annotations
 
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -18,6 +19,14 @@ class Machine:
     features: tuple[str, ...]
     cores: int
     versions: dict[str, str]
+
+
+@cache
+def thread_pool() -> ThreadPoolExecutor:
+    """The process's threads for NumPy work split by the caller (whose ufuncs, reductions and
+    bincount release the GIL), one per core: callers submit at most as many tasks at once as the
+    threads they were given."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bnq")
 
 
 @cache

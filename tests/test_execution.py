@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +113,24 @@ def test_workers_give_the_same_bytes(reference, quantized, method):
     assert model2 == model and report2 == report
     assert evaluated(reference, quantized, workers=3, batch_size=16)[0] == evaluated(
         reference, quantized)[0]
+
+
+def test_evaluation_spreads_the_tensors_over_threads_with_the_same_figures(
+        reference, quantized, monkeypatch):
+    evaluate_module = sys.modules["bnq.evaluate"]
+    update_layers, threads_seen = evaluate_module._update_layers, set()
+
+    def recorded(*args):
+        threads_seen.add(threading.get_ident())
+        update_layers(*args)
+
+    monkeypatch.setattr(evaluate_module, "_update_layers", recorded)
+    monkeypatch.setattr(evaluate_module, "worker_threads", lambda workers, scheduler: 1)
+    alone = evaluated(reference, quantized)[0]
+    assert len(threads_seen) == 1
+    monkeypatch.setattr(evaluate_module, "worker_threads", lambda workers, scheduler: 3)
+    assert evaluated(reference, quantized)[0] == alone
+    assert len(threads_seen) > 1  # the main thread and the pool's
 
 
 def test_cli_default_memory_limit_is_the_library_s():
