@@ -48,7 +48,7 @@ from bnq.data import SampleData, model_inputs
 from bnq.emit import quantized_model
 from bnq.equalization import Equalization, equalize_layers
 from bnq.errors import ArgumentError, DataError, ModelError
-from bnq.execution import DEFAULT_MEMORY_LIMIT, SAMPLE, ExecutionPlan, Job, run
+from bnq.execution import DEFAULT_MEMORY_LIMIT, SAMPLE, ExecutionPlan, Job, run, worker_threads
 from bnq.fusion import FuseReport, fuse
 from bnq.graph import (
     check,
@@ -59,7 +59,7 @@ from bnq.graph import (
     producers,
     quantized_nodes,
 )
-from bnq.machine import IntegerFormats
+from bnq.machine import IntegerFormats, spread
 from bnq.observers import CANDIDATES, CandidateObserver, Observer, make_observer
 from bnq.planning import WEIGHTED, Plan, plan_quantization
 from bnq.quantization import QuantParams, quant_range
@@ -144,7 +144,8 @@ def calibrate(model: onnx.ModelProto, data: SampleData, *, formats: IntegerForma
              for name in per_channel}
     auto = method == "auto"
     make_observers = functools.partial(_Observation, per_channel, where, method,
-                                       method_options or {}, FOLDS if auto else 1)
+                                       method_options or {}, FOLDS if auto else 1,
+                                       worker_threads(workers, scheduler))
     make_observers()  # bad options fail here, before any work
     job = Job((fused,), ("onnxruntime",), tuple(((name,),) for name in per_channel),
               make_observers, (SAMPLE,) if auto else ())
@@ -294,11 +295,12 @@ def _inside(q: QuantParams, low: float, high: float) -> QuantParams:
 
 class _Observation:
     """The observers of a calibration, one per tensor and fold (`bnq.choice`; one fold but for
-    method auto), fed by `bnq.execution`; `where` names each tensor for the user."""
+    method auto), fed by `bnq.execution`; `where` names each tensor for the user. The tensors
+    are spread over `threads` threads (`machine.spread`: each tensor's observers on one)."""
 
     def __init__(self, per_channel: dict[str, bool], where: dict[str, str], method: str,
-                 options: dict, folds: int = 1) -> None:
-        self.where = where
+                 options: dict, folds: int = 1, threads: int = 1) -> None:
+        self.where, self.threads = where, threads
         self.make = functools.partial(make_observer, method, **options)
         self.per_channel = per_channel
         self.folds: list[dict[str, Observer]] = [
@@ -310,23 +312,28 @@ class _Observation:
                groups: tuple[int, ...]) -> None:
         count = len(next(iter(batch.values())))
         sample_folds = fold(batch[SAMPLE]) if len(self.folds) > 1 else np.zeros(count, int)
-        for name, value in fetched[0].items():
-            if value.size == 0:
-                raise ModelError(f"{self.where[name]} is empty (shape {list(value.shape)} for "
-                                 f"{count} samples): there is nothing to calibrate; fix the model")
-            unsplit = len(self.folds) > 1 and (value.ndim == 0 or value.shape[0] != count)
-            if unsplit:
-                self.unsplit.add(name)
-            for index, observers in enumerate(self.folds):
-                rows = np.full(count, index == 0) if unsplit else sample_folds == index
-                if not rows.any():
-                    continue
-                try:
-                    observers[name].update(value if rows.all() else value[rows])
-                except DataError as error:  # non-finite values: the samples are finite, checked
-                    raise ModelError(f"{self.where[name]} holds NaN or infinity, although the "
-                                     "samples are finite: the model's arithmetic overflows "
-                                     "there; check the weights that produce it") from error
+        spread(functools.partial(self._observe, count, sample_folds), list(fetched[0].items()),
+               self.threads)
+
+    def _observe(self, count: int, sample_folds: np.ndarray,
+                 tensor: tuple[str, np.ndarray]) -> None:
+        name, value = tensor
+        if value.size == 0:
+            raise ModelError(f"{self.where[name]} is empty (shape {list(value.shape)} for "
+                             f"{count} samples): there is nothing to calibrate; fix the model")
+        unsplit = len(self.folds) > 1 and (value.ndim == 0 or value.shape[0] != count)
+        if unsplit:
+            self.unsplit.add(name)
+        for index, observers in enumerate(self.folds):
+            rows = np.full(count, index == 0) if unsplit else sample_folds == index
+            if not rows.any():
+                continue
+            try:
+                observers[name].update(value if rows.all() else value[rows])
+            except DataError as error:  # non-finite values: the samples are finite, checked
+                raise ModelError(f"{self.where[name]} holds NaN or infinity, although the "
+                                 "samples are finite: the model's arithmetic overflows "
+                                 "there; check the weights that produce it") from error
 
     def merge(self, other: _Observation) -> None:
         for mine, theirs in zip(self.folds, other.folds):

@@ -41,7 +41,7 @@ from bnq.errors import ArgumentError, DataError
 from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionPlan, Job, run, worker_threads
 from bnq.graph import constant_values, producers, quantized_nodes
 from bnq.kernels import BnReluPlan
-from bnq.machine import thread_pool
+from bnq.machine import spread
 from bnq.metrics import ClassAgreement, ErrorSums, Histogram, NoiseSums
 from bnq.qops import any_rank, node_plan
 from bnq.quantization import dequantize_linear
@@ -272,8 +272,8 @@ def evaluate(quantized: onnx.ModelProto, reference: onnx.ModelProto, data: Sampl
 
 class _MetricsFactory:
     """Makes the `_Metrics` of each unit of work; builds the numpy kernels once per process.
-    `threads`: how many of `machine.thread_pool`'s threads the tensors' sums may take (those
-    onnxruntime got in the worker, idle while the sums are taken)."""
+    `threads`: how many threads the tensors' sums are spread over (`machine.spread`): those
+    onnxruntime got in the worker, idle while the sums are taken."""
 
     def __init__(self, outputs: tuple[str, ...], tensors: tuple[QuantizedTensor, ...],
                  fused: tuple[onnx.NodeProto, ...], quantized: onnx.ModelProto | None,
@@ -311,14 +311,10 @@ class _Metrics:
         """Groups: 0 the outputs, then one per layer, then one per fused node (`evaluate`)."""
         expected, actual = {**batch, **fetched[0]}, fetched[1]
         layers = len(self.layers)
-        # each layer's sums on one thread, the layers spread over the threads: the same bits
-        threads = self.spec.threads
-        mine = [self.layers[group - 1] for group in groups if 0 < group <= layers]
-        running = [thread_pool().submit(_update_layers, mine[i::threads], expected, actual)
-                   for i in range(1, min(threads, len(mine)))]
-        _update_layers(mine[::threads], expected, actual)
-        for share in running:
-            share.result()
+        spread(lambda layer: layer.update(expected[layer.quantized.tensor],
+                                          actual[layer.quantized.codes]),
+               [self.layers[group - 1] for group in groups if 0 < group <= layers],
+               self.spec.threads)
         for group in groups:
             if group == 0:
                 self._update_outputs(batch, expected, actual)
@@ -356,12 +352,6 @@ class _Metrics:
             mine.merge(theirs)
         self.lsb = [max(a, b) for a, b in zip(self.lsb, other.lsb)]
         self.samples += other.samples
-
-
-def _update_layers(layers: list[_Layer], expected: dict[str, np.ndarray],
-                   actual: dict[str, np.ndarray]) -> None:
-    for layer in layers:
-        layer.update(expected[layer.quantized.tensor], actual[layer.quantized.codes])
 
 
 def _labels(truth: np.ndarray, count: int, where: str, key: str) -> np.ndarray:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
+from typing import TypeVar
+
+T = TypeVar("T")
 
 FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp")
 
@@ -23,10 +27,30 @@ class Machine:
 
 @cache
 def thread_pool() -> ThreadPoolExecutor:
-    """The process's threads for NumPy work split by the caller (whose ufuncs, reductions and
-    bincount release the GIL), one per core: callers submit at most as many tasks at once as the
-    threads they were given."""
+    """The process's threads for NumPy work split by the caller (NumPy releases the GIL in its
+    loops), one per core: callers submit at most as many tasks at once as the threads they were
+    given."""
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bnq")
+
+
+def spread(work: Callable[[T], object], items: Sequence[T], threads: int) -> None:
+    """`work(item)` for every item, the items dealt over `threads` threads (this one and the
+    pool's), each item wholly on one thread: work on disjoint state gives the same results as
+    one thread. If some fail, the first failing item's error is raised, as one thread would."""
+    def share(start: int) -> tuple[int, Exception] | None:
+        for index in range(start, len(items), threads):
+            try:
+                work(items[index])
+            except Exception as error:  # raised below, in the caller's thread
+                return index, error
+        return None
+
+    others = [thread_pool().submit(share, start) for start in range(1, min(threads, len(items)))]
+    failures = [share(0), *(other.result() for other in others)]
+    first = min((failure for failure in failures if failure), default=None,
+                key=lambda failure: failure[0])
+    if first:
+        raise first[1]
 
 
 @cache

@@ -118,18 +118,37 @@ def test_workers_give_the_same_bytes(reference, quantized, method):
 def test_evaluation_spreads_the_tensors_over_threads_with_the_same_figures(
         reference, quantized, monkeypatch):
     evaluate_module = sys.modules["bnq.evaluate"]
-    update_layers, threads_seen = evaluate_module._update_layers, set()
+    update, threads_seen = evaluate_module._Layer.update, set()
 
     def recorded(*args):
         threads_seen.add(threading.get_ident())
-        update_layers(*args)
+        update(*args)
 
-    monkeypatch.setattr(evaluate_module, "_update_layers", recorded)
+    monkeypatch.setattr(evaluate_module._Layer, "update", recorded)
     monkeypatch.setattr(evaluate_module, "worker_threads", lambda workers, scheduler: 1)
     alone = evaluated(reference, quantized)[0]
     assert len(threads_seen) == 1
     monkeypatch.setattr(evaluate_module, "worker_threads", lambda workers, scheduler: 3)
     assert evaluated(reference, quantized)[0] == alone
+    assert len(threads_seen) > 1  # the main thread and the pool's
+
+
+@pytest.mark.parametrize("method", ["entropy", "auto"])
+def test_calibration_spreads_the_tensors_over_threads_with_the_same_bytes(
+        reference, method, monkeypatch):
+    calibrate_module = sys.modules["bnq.calibrate"]
+    observe, threads_seen = calibrate_module._Observation._observe, set()
+
+    def recorded(*args):
+        threads_seen.add(threading.get_ident())
+        observe(*args)
+
+    monkeypatch.setattr(calibrate_module._Observation, "_observe", recorded)
+    monkeypatch.setattr(calibrate_module, "worker_threads", lambda workers, scheduler: 1)
+    alone = calibrated(reference, method)[:2]
+    assert len(threads_seen) == 1
+    monkeypatch.setattr(calibrate_module, "worker_threads", lambda workers, scheduler: 3)
+    assert calibrated(reference, method)[:2] == alone
     assert len(threads_seen) > 1  # the main thread and the pool's
 
 

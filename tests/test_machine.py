@@ -1,0 +1,29 @@
+"""bnq.machine.spread: work dealt over threads, each item on one thread, errors as one thread
+would raise them."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from bnq.machine import spread
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_every_item_runs_once_on_one_thread(threads):
+    done = []
+    spread(lambda item: done.append((item, threading.get_ident())), list(range(20)), threads)
+    assert sorted(item for item, _ in done) == list(range(20))
+    used = {ident for _, ident in done}
+    assert (used == {threading.get_ident()}) if threads == 1 else len(used) > 1
+    spread(done.append, [], threads)  # nothing to do: nothing done
+
+
+def test_the_first_failing_item_s_error_is_raised():
+    def work(item):
+        if item in (5, 12):  # 12 is the caller's own share with 3 threads, 5 another thread's
+            raise ValueError(item)
+
+    with pytest.raises(ValueError, match="^5$"):
+        spread(work, list(range(20)), 3)
