@@ -54,7 +54,7 @@ def main() -> None:
 
     from bnq.calibrate import _Observation, prepare
     from bnq.data import SampleData, model_inputs
-    from bnq.execution import Job, run
+    from bnq.execution import Job, run, worker_threads
     from bnq.io import load_model
     from bnq.machine import describe
     from bnq.planning import plan_quantization
@@ -72,8 +72,14 @@ def main() -> None:
     plan = plan_quantization(fused)
     names = plan.activations + [node.output[0] for node in plan.batch_norms] + plan.bn_inputs
     per_channel = {name: name in plan.bn_inputs for name in names}
-    job = Job((fused,), ("onnxruntime",), tuple(((name,),) for name in names),
-              functools.partial(_Observation, per_channel, {n: n for n in names}, "minmax", {}))
+
+    def job(options: dict) -> Job:
+        """The job with observers spread over the threads bnq gives each worker: `calibrate`'s."""
+        threads = worker_threads(options.get("workers", 1), options.get("scheduler"))
+        return Job((fused,), ("onnxruntime",), tuple(((name,),) for name in names),
+                   functools.partial(_Observation, per_channel, {n: n for n in names}, "minmax",
+                                     {}, 1, threads))
+
     cores = sorted(os.sched_getaffinity(0))
     machine = describe()
     print(f"# {args.model}, {lengths['long']} samples (and {lengths['short']}), batches of "
@@ -101,7 +107,7 @@ def main() -> None:
                                                                     *clusters[name]))
                         options = {"scheduler": cluster.scheduler_address}
                     start = time.perf_counter()
-                    result = run(job, data, batch_size=args.batch_size, **options)
+                    result = run(job(options), data, batch_size=args.batch_size, **options)
                     times[name, length].append(time.perf_counter() - start)
                 assert result.samples == data.num_samples
                 assert (result.plan.data == "streamed") == name.endswith("streamed")
