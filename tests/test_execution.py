@@ -115,41 +115,38 @@ def test_workers_give_the_same_bytes(reference, quantized, method):
         reference, quantized)[0]
 
 
-def test_evaluation_spreads_the_tensors_over_threads_with_the_same_figures(
-        reference, quantized, monkeypatch):
-    evaluate_module = sys.modules["bnq.evaluate"]
-    update, threads_seen = evaluate_module._Layer.update, set()
+def _on_threads(monkeypatch, module_name: str, owner, method: str, produce):
+    """`produce()` with 1 thread per worker, then 3, in the module's eyes; both results, and
+    how many threads ran `owner.method` (the work spread over them)."""
+    module, original, seen = sys.modules[module_name], getattr(owner, method), set()
 
     def recorded(*args):
-        threads_seen.add(threading.get_ident())
-        update(*args)
+        seen.add(threading.get_ident())
+        original(*args)
 
-    monkeypatch.setattr(evaluate_module._Layer, "update", recorded)
-    monkeypatch.setattr(evaluate_module, "worker_threads", lambda workers, scheduler: 1)
-    alone = evaluated(reference, quantized)[0]
-    assert len(threads_seen) == 1
-    monkeypatch.setattr(evaluate_module, "worker_threads", lambda workers, scheduler: 3)
-    assert evaluated(reference, quantized)[0] == alone
-    assert len(threads_seen) > 1  # the main thread and the pool's
+    monkeypatch.setattr(owner, method, recorded)
+    monkeypatch.setattr(module, "worker_threads", lambda workers, scheduler: 1)
+    alone = produce()
+    assert len(seen) == 1
+    monkeypatch.setattr(module, "worker_threads", lambda workers, scheduler: 3)
+    return alone, produce(), len(seen)
+
+
+def test_evaluation_spreads_the_tensors_over_threads_with_the_same_figures(
+        reference, quantized, monkeypatch):
+    from bnq.evaluate import _Layer
+    alone, spread, threads = _on_threads(monkeypatch, "bnq.evaluate", _Layer, "update",
+                                         lambda: evaluated(reference, quantized)[0])
+    assert spread == alone and threads > 1  # the main thread and the pool's
 
 
 @pytest.mark.parametrize("method", ["entropy", "auto"])
 def test_calibration_spreads_the_tensors_over_threads_with_the_same_bytes(
         reference, method, monkeypatch):
-    calibrate_module = sys.modules["bnq.calibrate"]
-    observe, threads_seen = calibrate_module._Observation._observe, set()
-
-    def recorded(*args):
-        threads_seen.add(threading.get_ident())
-        observe(*args)
-
-    monkeypatch.setattr(calibrate_module._Observation, "_observe", recorded)
-    monkeypatch.setattr(calibrate_module, "worker_threads", lambda workers, scheduler: 1)
-    alone = calibrated(reference, method)[:2]
-    assert len(threads_seen) == 1
-    monkeypatch.setattr(calibrate_module, "worker_threads", lambda workers, scheduler: 3)
-    assert calibrated(reference, method)[:2] == alone
-    assert len(threads_seen) > 1  # the main thread and the pool's
+    from bnq.calibrate import _Observation
+    alone, spread, threads = _on_threads(monkeypatch, "bnq.calibrate", _Observation, "_observe",
+                                         lambda: calibrated(reference, method)[:2])
+    assert spread == alone and threads > 1
 
 
 def test_cli_default_memory_limit_is_the_library_s():
