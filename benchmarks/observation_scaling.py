@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import math
 import os
 import statistics
 import subprocess
@@ -117,10 +118,10 @@ def main() -> None:
 
     def rates(name: str) -> tuple[float, float]:
         """Samples/s: the long run's, and the steady rate (the long run's extra samples over its
-        extra time)."""
+        extra time; nan if noise made the long run no longer)."""
         short, long = (statistics.median(times[name, length]) for length in lengths)
         extra = lengths["long"] - lengths["short"]
-        return lengths["long"] / long, extra / (long - short)
+        return lengths["long"] / long, extra / (long - short) if long > short else math.nan
 
     single = rates("1 worker x 1 thread")
     print(f"{'':24} {'whole run':^22}  {'steady':^22}")

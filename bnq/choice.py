@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from bnq.execution import Job, RunResult
-from bnq.metrics import ErrorSums
+from bnq.metrics import NoiseSums
 
 FOLDS = 2
 
@@ -92,7 +92,7 @@ def choose(reference: onnx.ModelProto, candidates: dict[str, list[onnx.ModelProt
     sums = execute(job).accumulator.sums
     scores = {}
     for method, indices in slots.items():
-        total = ErrorSums()
+        total = NoiseSums()
         for index in indices:
             total.merge(sums[index])
         scores[method] = total.sqnr_db()
@@ -107,7 +107,7 @@ class _OutputErrors:
 
     def __init__(self, outputs: tuple[str, ...], folds: tuple[int, ...]) -> None:
         self.outputs, self.folds = outputs, folds
-        self.sums = [ErrorSums() for _ in folds]
+        self.sums = [NoiseSums() for _ in folds]
 
     def update(self, batch: dict[str, np.ndarray], fetched: list[dict[str, np.ndarray]],
                groups: tuple[int, ...]) -> None:

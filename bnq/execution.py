@@ -125,14 +125,12 @@ def run(job: Job, data: SampleData, *, batch_size: int = 32, num_samples: int | 
         raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
     if num_samples is not None and num_samples < 1:
         raise ArgumentError(f"the number of samples must be at least 1, got {num_samples}")
-    if workers < 1:
-        raise ArgumentError(f"the number of workers must be at least 1, got {workers}")
+    threads = worker_threads(workers, scheduler)
     if memory_limit < 1:
         raise ArgumentError(f"the memory limit must be positive, got {memory_limit}")
     total = min(num_samples or data.num_samples, data.num_samples)
     micro_batch, passes, estimate = plan_passes(job, data, batch_size, memory_limit)
-    shard = _Shard(job, data, tuple(passes), micro_batch, worker_threads(workers, scheduler),
-                   batch_size)
+    shard = _Shard(job, data, tuple(passes), micro_batch, threads, batch_size)
     bounds = data.batch_bounds(batch_size, num_samples)
     units = [(p, first, count) for p in range(len(passes)) for first, count in bounds]
     advance = (lambda n: progress(n / len(passes))) if progress else (lambda n: None)
@@ -153,6 +151,8 @@ def run(job: Job, data: SampleData, *, batch_size: int = 32, num_samples: int | 
 def worker_threads(workers: int, scheduler: str | None = None) -> int:
     """The threads of each worker process: the cores shared among the local workers; one on a
     cluster, whose workers are started one per core."""
+    if workers < 1:
+        raise ArgumentError(f"the number of workers must be at least 1, got {workers}")
     return 1 if scheduler else max(1, len(os.sched_getaffinity(0)) // workers)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -34,9 +34,11 @@ def thread_pool() -> ThreadPoolExecutor:
 
 
 def spread(work: Callable[[T], object], items: Sequence[T], threads: int) -> None:
-    """`work(item)` for every item, the items dealt over `threads` threads (this one and the
-    pool's), each item wholly on one thread: work on disjoint state gives the same results as
-    one thread. If some fail, the first failing item's error is raised, as one thread would."""
+    """`work(item)` for every item, the items dealt over `threads` (>= 1) threads (this one and
+    the pool's), each item wholly on one thread: work on disjoint state gives the same results as
+    one thread. If some fail, the first failing item's error is raised, as one thread would; it
+    returns (or raises, Ctrl-C included) only once every thread is done. `work` must not use
+    the pool itself (it could wait for threads that wait for it)."""
     def share(start: int) -> tuple[int, Exception] | None:
         for index in range(start, len(items), threads):
             try:
@@ -46,7 +48,11 @@ def spread(work: Callable[[T], object], items: Sequence[T], threads: int) -> Non
         return None
 
     others = [thread_pool().submit(share, start) for start in range(1, min(threads, len(items)))]
-    failures = [share(0), *(other.result() for other in others)]
+    try:
+        mine = share(0)
+    finally:
+        wait(others)
+    failures = [mine, *(other.result() for other in others)]
     first = min((failure for failure in failures if failure), default=None,
                 key=lambda failure: failure[0])
     if first:

@@ -91,13 +91,6 @@ def _sample_chunks(*arrays: np.ndarray):
                    for part in rows]
 
 
-def _chunks(*arrays: np.ndarray):
-    """Aligned float64 slices of CHUNK elements of the flattened `arrays`."""
-    flat = [np.asarray(array).reshape(-1) for array in arrays]
-    for start in range(0, flat[0].size, CHUNK):
-        yield [part[start:start + CHUNK].astype(np.float64) for part in flat]
-
-
 @dataclass
 class NoiseSums:
     """Sums for SQNR and the mean absolute error: what a quantized tensor inside the model needs."""
@@ -258,12 +251,8 @@ class Histogram:
     above: int = 0
     outside: int = 0
 
-    def update(self, values: np.ndarray) -> None:
-        for (part,) in _chunks(values):
-            self.add(part)
-
     def add(self, part: np.ndarray) -> None:
-        """Count a float64 vector, which is overwritten."""
+        """Count a float64 vector (fed by `NoiseSums.update`), which is overwritten."""
         bins = len(self.counts)
         self.outside += int(np.count_nonzero((part < self.low) | (part > self.high)))
         part -= self.start

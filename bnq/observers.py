@@ -82,7 +82,9 @@ class Observer:
     """Running min/max of a tensor, per tensor or per channel (axis 1).
 
     ``min_val`` / ``max_val`` are float32 arrays with one entry per row (1 per tensor, C per
-    channel), allocated by the first ``update``; later updates keep their size.
+    channel), allocated by the first ``update``; later updates keep their size. ``update``
+    reads its input and changes its own state only, so calibrate observes different tensors
+    on different threads.
     """
 
     def __init__(self, per_channel: bool = False):

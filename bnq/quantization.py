@@ -124,18 +124,20 @@ def dequantize(q: np.ndarray, qparams: QuantParams, axis: int = 1) -> np.ndarray
 
 def dequantize_linear(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                       axis: int = 1) -> np.ndarray:
-    """ONNX DequantizeLinear of `codes` with a scale and zero point per tensor (0-d) or along
-    `axis` (1-d): (codes - zero_point) * scale in float32."""
+    """ONNX DequantizeLinear of `codes` with a scale and zero point per tensor (one value) or
+    along `axis` (1-d): (codes - zero_point) * scale in float32, the subtraction exact in
+    int32."""
     codes = np.asarray(codes)
     scale, zero_point = _along(axis, codes.ndim, scale, zero_point)
     return (codes.astype(np.int32) - zero_point.astype(np.int32)).astype(np.float32) * scale
 
 
 def _along(axis: int, ndim: int, *arrays: np.ndarray) -> list[np.ndarray]:
-    """Per-tensor (0-d) `arrays` as they are; 1-d ones shaped to broadcast along `axis` of a
-    tensor of rank `ndim`."""
-    if all(array.ndim == 0 for array in arrays):
-        return list(arrays)
+    """Per-tensor `arrays` (one value each, 0-d or not: onnxruntime reads a 1-element scale as
+    per tensor) as scalars; 1-d ones shaped to broadcast along `axis` of a tensor of rank
+    `ndim`."""
+    if all(array.size == 1 for array in arrays):
+        return [array.reshape(()) for array in arrays]
     if not -ndim <= axis < ndim:
         raise ArgumentError(f"axis {axis} is out of range for a tensor of rank {ndim}")
     shape = [1] * ndim

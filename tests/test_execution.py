@@ -26,7 +26,7 @@ from bnq import load_model
 from bnq.calibrate import calibrate
 from bnq.cli import cli
 from bnq.data import SampleData, model_inputs
-from bnq.errors import DataError
+from bnq.errors import ArgumentError, DataError
 from bnq.evaluate import evaluate
 from bnq.execution import DEFAULT_MEMORY_LIMIT, ExecutionError, Job, plan_passes, run
 from bnq.machine import IntegerFormats
@@ -147,6 +147,14 @@ def test_calibration_spreads_the_tensors_over_threads_with_the_same_bytes(
     alone, spread, threads = _on_threads(monkeypatch, "bnq.calibrate", _Observation, "_observe",
                                          lambda: calibrated(reference, method)[:2])
     assert spread == alone and threads > 1
+
+
+def test_zero_workers_is_an_argument_error(reference, quantized):
+    data = SampleData(CALIB, model_inputs(reference))
+    with pytest.raises(ArgumentError, match="workers must be at least 1, got 0"):
+        calibrate(reference, data, formats=FORMATS, workers=0)
+    with pytest.raises(ArgumentError, match="workers must be at least 1, got 0"):
+        evaluate(quantized, reference, data, workers=0)
 
 
 def test_cli_default_memory_limit_is_the_library_s():

@@ -4,6 +4,7 @@ would raise them."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -27,3 +28,17 @@ def test_the_first_failing_item_s_error_is_raised():
 
     with pytest.raises(ValueError, match="^5$"):
         spread(work, list(range(20)), 3)
+
+
+def test_it_returns_only_once_every_thread_is_done_even_on_ctrl_c():
+    finished = threading.Event()
+
+    def work(item):
+        if item == 0:  # the caller's share
+            raise KeyboardInterrupt
+        time.sleep(0.2)
+        finished.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        spread(work, [0, 1], 2)
+    assert finished.is_set()

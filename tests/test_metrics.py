@@ -65,12 +65,12 @@ def test_accumulators_merge_like_one_pass():
     whole, halves = (ErrorSums(), ClassAgreement(), Histogram(-3, 3)), []
     whole[0].update(reference, actual)
     whole[1].update(reference, actual, labels)
-    whole[2].update(reference)
+    whole[2].add(reference.astype(np.float64).ravel())
     for part in (slice(0, 17), slice(17, 40)):
         acc = (ErrorSums(), ClassAgreement(), Histogram(-3, 3))
         acc[0].update(reference[part], actual[part])
         acc[1].update(reference[part], actual[part], labels[part])
-        acc[2].update(reference[part])
+        acc[2].add(reference[part].astype(np.float64).ravel())
         halves.append(acc)
     for first, second in zip(*halves):
         first.merge(second)
@@ -93,7 +93,7 @@ def test_layer_sums_with_their_histogram_match_the_separate_accumulators(shape):
     together.update(reference, actual, histogram)
     errors, alone = ErrorSums(), Histogram(-4, 4, -3, 3)
     errors.update(reference, actual)
-    alone.update(reference)
+    alone.add(reference.astype(np.float64).ravel())
     sums = ("signal", "noise", "abs_sum")
     assert [getattr(together, name).total for name in sums] == [
         getattr(errors, name).total for name in sums]

@@ -22,6 +22,7 @@ from bnq.observers import (
 )
 from bnq.quantization import (
     dequantize,
+    dequantize_linear,
     qparams_from_range,
     quant_range,
     quantize,
@@ -463,6 +464,10 @@ def test_quantize_is_quantizelinear():
                                   np.float32([[0, 0], [0.5, 2.5], [0, 31.75]]))
     with pytest.raises(ArgumentError):
         quantize(np.zeros(3, np.float32), qp, axis=1)
+    # one value in a 1-d array is per tensor, as onnxruntime reads it, whatever the axis
+    np.testing.assert_array_equal(
+        dequantize_linear(np.uint8([3, 5]), np.float32([0.5]), np.uint8([1]), axis=1),
+        np.float32([1.0, 2.0]))
 
 
 def test_weight_qparams_symmetric_per_output_channel():
