@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -34,22 +35,28 @@ def thread_pool() -> ThreadPoolExecutor:
 
 
 def spread(work: Callable[[T], object], items: Sequence[T], threads: int) -> None:
-    """`work(item)` for every item, the items dealt over `threads` (>= 1) threads (this one and
-    the pool's), each item wholly on one thread: work on disjoint state gives the same results as
-    one thread. If some fail, the first failing item's error is raised, as one thread would; it
-    returns (or raises, Ctrl-C included) only once every thread is done. `work` must not use
-    the pool itself (it could wait for threads that wait for it)."""
-    def share(start: int) -> tuple[int, Exception] | None:
-        for index in range(start, len(items), threads):
+    """`work(item)` for every item on `threads` (>= 1) threads (this one and the pool's), each
+    item wholly on one thread, handed out in order to whichever thread is free: work on disjoint
+    state gives the same results as one thread. If some fail, the first failing item's error
+    is raised, as one thread would (every item before it was handed out, so run). It returns
+    (or raises, Ctrl-C included) only once every thread is done. `work` must not use the pool
+    itself (it could wait for threads that wait for it)."""
+    lock, positions = threading.Lock(), iter(range(len(items)))
+
+    def share() -> tuple[int, Exception] | None:
+        while True:
+            with lock:
+                index = next(positions, None)
+            if index is None:
+                return None
             try:
                 work(items[index])
             except Exception as error:  # raised below, in the caller's thread
                 return index, error
-        return None
 
-    others = [thread_pool().submit(share, start) for start in range(1, min(threads, len(items)))]
+    others = [thread_pool().submit(share) for _ in range(min(threads, len(items)) - 1)]
     try:
-        mine = share(0)
+        mine = share()
     finally:
         wait(others)
     failures = [mine, *(other.result() for other in others)]
