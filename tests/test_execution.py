@@ -122,6 +122,7 @@ def _on_threads(monkeypatch, module_name: str, owner, method: str, produce):
 
     def recorded(*args):
         seen.add(threading.get_ident())
+        time.sleep(0.002)  # items are handed to whichever thread is free: let the pool's take some
         original(*args)
 
     monkeypatch.setattr(owner, method, recorded)
