@@ -49,7 +49,7 @@ import numpy as np
 
 from bnq.errors import ArgumentError
 from bnq.fastpath import FastPath
-from bnq.machine import thread_pool
+from bnq.machine import spread
 
 _RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 _RANK_NAMES = {3: "1d", 4: "2d", 5: "3d"}
@@ -251,7 +251,7 @@ class BnReluPlan:
             if parts > 1:
                 bounds = np.linspace(0, c, parts + 1).astype(int)
                 ranges = [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-                list(thread_pool().map(lambda r: fast.apply(xb, ob, r), ranges))
+                spread(lambda r: fast.apply(xb, ob, r), ranges, parts)
             else:
                 fast.apply(xb, ob)
         return out
